@@ -9,7 +9,7 @@ optimiser persist and only z is drawn afresh (METHOD.md §10).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -143,9 +143,10 @@ class Synthesizer:
         self.bn_loss.close()
 
     def synthesise(self, weights: torch.Tensor, student: nn.Module,
-                   on_step: Callable[[GeneratorStep], None] | None = None,
-                   should_stop: Callable[[], bool] = lambda: False) -> SynthesisResult | None:
-        """Run N_G generator steps; None if stopped before the first step finished."""
+                   should_stop: Callable[[], bool] = lambda: False
+                   ) -> Generator[GeneratorStep, None, SynthesisResult | None]:
+        """Run N_G generator steps, yielding each step's losses; returns the kept batch x*
+        (None if stopped before the first step finished, or stopped part-way: a partial batch is not kept)."""
         cfg = self.cfg
         if cfg.generator_reset == "epoch":
             init_generator(self.generator)
@@ -186,8 +187,6 @@ class Synthesizer:
                 loss.backward()
                 self.optimizer.step()
                 z_opt.step()
-                if on_step is not None:
-                    on_step(GeneratorStep(step=step, robust_fraction=frac, losses={
-                        "total": value, "bn": float(l_bn), "oh": float(l_oh), "adv": float(l_adv),
-                        "uni": float(l_uni)}))
-        return best
+                yield GeneratorStep(step=step, robust_fraction=frac, losses={
+                    "total": value, "bn": float(l_bn), "oh": float(l_oh), "adv": float(l_adv), "uni": float(l_uni)})
+        return None if should_stop() else best

@@ -1,0 +1,377 @@
+"""The training loop: `run(config, stop)` yields typed events (DESIGN.md "The flow of data").
+
+One epoch (METHOD.md §2):  A. synthesis -> B. reweighting -> C. distillation -> D. evaluation,
+then a checkpoint. The `real-data` method skips A and B and distils on the real training split: it is
+the ceiling the data-free methods chase. Observers (CLI, job registry, store) consume the events; the
+engine knows nothing about them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+import traceback
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ferd import atomic
+from ferd.augment import augment
+from ferd.config import Config, ConfigError, to_dict
+from ferd.data import DataError, dataset_info, test_split, train_split
+from ferd.device import resolve_device, set_threads
+from ferd.distillation import student_loss, training_attack
+from ferd.evaluation import evaluate
+from ferd.events import (
+    AttackTargets,
+    CheckpointSaved,
+    ClassWeightsUpdated,
+    EpochFinished,
+    EpochStarted,
+    Evaluated,
+    Event,
+    GeneratorProgress,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    RunStopped,
+    RunWarning,
+    SamplesSynthesised,
+    StudentProgress,
+)
+from ferd.feature_split import split_features
+from ferd.metrics import target_counts
+from ferd.models import Generator as ImageGenerator
+from ferd.models import create_model
+from ferd.reweighting import class_scores, class_weights, teacher_margins
+from ferd.synthesis import NonFiniteLoss, Synthesizer
+from ferd.teachers import TeacherError, load_teacher
+
+CHECKPOINT = "checkpoint.pt"
+STUDENT = "student.pt"
+LOW_TEACHER_ACC = 0.9  # teacher accuracy on x* below this: the samples do not look like their classes
+ROBUST_FRACTION_BAND = (0.02, 0.98)  # a robust fraction outside this band: the FAE term degenerates
+EXPECTED_ERRORS = (ConfigError, DataError, TeacherError, NonFiniteLoss, FileNotFoundError)
+
+
+class Stopped(Exception):
+    """Internal: a stop request was seen."""
+
+
+@dataclass
+class _State:
+    """Everything that changes from epoch to epoch (and is checkpointed)."""
+
+    epoch: int
+    weights: np.ndarray
+    scores: np.ndarray
+    memory_x: torch.Tensor
+    memory_y: torch.Tensor
+    wall_offset: float
+    warned: set[str]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    """All global RNG states as tensors and plain values, so the checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                         has_gauss, cached],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def student_lr(cfg: Config, epoch: int) -> float:
+    """Cosine schedule over the student's epochs (those after warm-up), evaluated at the start of `epoch`."""
+    first = _first_student_epoch(cfg)
+    span = cfg.epochs - first + 1
+    return cfg.lr_student * 0.5 * (1.0 + math.cos(math.pi * (epoch - first) / span))
+
+
+def _first_student_epoch(cfg: Config) -> int:
+    return 1 if cfg.method == "real-data" else cfg.warmup_epochs + 1
+
+
+def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path | None = None,
+        resume: bool = False) -> Iterator[Event]:
+    """Run `cfg` to the end (or until `stop` is set), yielding events. Never raises for a failed run:
+    the last event is RunFinished, RunStopped or RunFailed (with the reason)."""
+    stop = stop or threading.Event()
+    epoch = [0]
+    try:
+        yield from _run(cfg, stop, Path(run_dir) if run_dir else None, resume, epoch)
+    except Stopped:
+        yield RunStopped(epoch=epoch[0], reason="stop requested")
+    except EXPECTED_ERRORS as e:
+        yield RunFailed(epoch=epoch[0], reason=str(e))
+    except Exception as e:  # an unexpected error still ends the run with a reason, not a dead thread
+        yield RunFailed(epoch=epoch[0], reason=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+
+
+def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
+         epoch_box: list[int]) -> Iterator[Event]:
+    t_start = time.perf_counter()
+    set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    info = dataset_info(cfg.dataset)
+    c = info.num_classes
+    teacher, tinfo = load_teacher(cfg, device)
+    x_test, y_test = test_split(cfg.dataset, cfg.data_root)
+    channels, size = info.image_shape[0], info.image_shape[1]
+    student = create_model(cfg.student_arch, num_classes=c, in_channels=channels, image_size=size).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr_student, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    data_free = cfg.method != "real-data"
+    synth = None
+    if data_free:
+        generator = ImageGenerator(cfg.latent_dim, channels, size)
+        synth = Synthesizer(cfg, teacher, generator, num_classes=c, flip=info.flip, device=device)
+        mem_x = torch.empty(0, *info.image_shape, device=device)
+        mem_y = torch.empty(0, dtype=torch.long, device=device)
+    else:
+        real_x, real_y = train_split(cfg.dataset, cfg.data_root)
+        mem_x, mem_y = real_x.to(device), real_y.to(device)
+    state = _State(epoch=0, weights=np.full(c, 1.0 / c), scores=np.zeros(c), memory_x=mem_x, memory_y=mem_y,
+                   wall_offset=0.0, warned=set())
+    ckpt_path = run_dir / CHECKPOINT if run_dir else None
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise FileNotFoundError("nothing to resume: the run has no checkpoint yet")
+        state = _load_checkpoint(ckpt_path, cfg, student, optimizer, synth, state, device)
+    epoch_box[0] = state.epoch
+    yield RunStarted(epoch=state.epoch, config=to_dict(cfg), teacher=tinfo.to_dict(), device=str(device),
+                     num_classes=c, class_names=tuple(info.class_names), image_shape=tuple(info.image_shape),
+                     resumed_from=state.epoch)
+    x_test, y_test = x_test.to(device), y_test.to(device)
+    try:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            epoch_box[0] = epoch
+            yield EpochStarted(epoch=epoch, total_epochs=cfg.epochs)
+            phase: dict[str, float] = {}
+            if synth is not None:
+                t = time.perf_counter()
+                kept = yield from _synthesis(cfg, synth, student, state, teacher, stop, epoch, c)
+                if kept is None:
+                    raise Stopped
+                phase["synthesis"] = time.perf_counter() - t
+                t = time.perf_counter()
+                yield _reweight(cfg, teacher, kept, state, epoch)
+                phase["reweighting"] = time.perf_counter() - t
+            if epoch >= _first_student_epoch(cfg):
+                t = time.perf_counter()
+                yield from _distil(cfg, student, optimizer, teacher, state, stop, epoch, c, info.flip)
+                phase["distillation"] = time.perf_counter() - t
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                t = time.perf_counter()
+                final = epoch == cfg.epochs
+                result = evaluate(student, x_test, y_test, num_classes=c,
+                                  attacks=cfg.final_attacks if final else cfg.eval_attacks, eps=cfg.eps,
+                                  step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
+                                  batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device,
+                                  seed=cfg.seed)
+                phase["evaluation"] = time.perf_counter() - t
+                yield Evaluated(epoch=epoch, correct=result.correct, totals=result.totals,
+                                subset_totals=result.subset_totals, final=final, wall_s=phase["evaluation"])
+                if result.pgd_targets is not None:
+                    yield AttackTargets(epoch=epoch, counts=result.pgd_targets, source="eval")
+            wall = state.wall_offset + time.perf_counter() - t_start
+            if ckpt_path is not None:
+                state.epoch = epoch
+                _save_checkpoint(ckpt_path, cfg, student, optimizer, synth, state, wall)
+                yield CheckpointSaved(epoch=epoch, path=str(ckpt_path))
+            yield EpochFinished(epoch=epoch, wall_s=wall, phase_s=phase)
+            if stop.is_set():
+                raise Stopped
+        wall = state.wall_offset + time.perf_counter() - t_start
+        student_path = ""
+        if run_dir is not None:
+            student_path = str(save_student(run_dir / STUDENT, student, cfg))
+        yield RunFinished(epoch=cfg.epochs, wall_s=wall, student_path=student_path)
+    finally:
+        if synth is not None:
+            synth.close()
+
+
+def _synthesis(cfg: Config, synth: Synthesizer, student: nn.Module, state: _State, teacher: nn.Module,
+               stop: threading.Event, epoch: int, c: int) -> Generator[Event, None, tuple | None]:
+    """Phase A: run the generator, keep x*, add it to the memory, yield progress and diagnostics."""
+    steps = synth.synthesise(torch.as_tensor(state.weights, dtype=torch.float32), student, stop.is_set)
+    while True:
+        try:
+            s = next(steps)
+        except StopIteration as done:
+            kept = done.value
+            break
+        yield GeneratorProgress(epoch=epoch, step=s.step, total_steps=cfg.generator_steps, losses=s.losses,
+                                robust_fraction=s.robust_fraction)
+    if kept is None:
+        return None
+    x, y = kept.x, kept.y
+    state.memory_x = torch.cat([state.memory_x, x])[-cfg.memory_size:]
+    state.memory_y = torch.cat([state.memory_y, y])[-cfg.memory_size:]
+    with torch.no_grad():
+        h = teacher.features(x)
+        logits = teacher.head(h)
+    prob = F.softmax(logits, dim=1)
+    pred = logits.argmax(1)
+    hit = (pred == y).float()
+    conf = prob.gather(1, y[:, None]).squeeze(1)
+    class_acc = np.full(c, np.nan)
+    class_conf = np.full(c, np.nan)
+    for k in range(c):
+        sel = y == k
+        if sel.any():
+            class_acc[k] = float(hit[sel].mean())
+            class_conf[k] = float(conf[sel].mean())
+    # The split's robust fraction on the kept batch, for every data-free method (DFRD too: it shows what
+    # the FAE term would see).
+    split = split_features(teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
+                           rule=cfg.mask_rule)
+    n = min(cfg.thumbnails, len(x))
+    images = (x[:n].detach().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    feats = h[:n].mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+    ev = SamplesSynthesised(
+        epoch=epoch, images=images, labels=y[:n].cpu().numpy(), features=feats,
+        teacher_pred=pred[:n].cpu().numpy(), teacher_acc=float(hit.mean()), teacher_conf=float(conf.mean()),
+        class_acc=class_acc, class_conf=class_conf, robust_fraction=split.robust_fraction,
+        memory_counts=np.bincount(state.memory_y.cpu().numpy(), minlength=c))
+    yield ev
+    for key, bad, message in (
+        ("teacher_acc", ev.teacher_acc < LOW_TEACHER_ACC,
+         f"teacher accuracy on the synthetic batch is {ev.teacher_acc:.0%} (< {LOW_TEACHER_ACC:.0%}): "
+         "the samples do not yet look like their classes to the teacher"),
+        ("robust_fraction", not ROBUST_FRACTION_BAND[0] <= ev.robust_fraction <= ROBUST_FRACTION_BAND[1],
+         f"the feature split marks {ev.robust_fraction:.1%} of features robust: the uniformity (FAE) term "
+         f"{'sees all features' if ev.robust_fraction < 0.5 else 'sees no features'} (mask_rule={cfg.mask_rule})"),
+    ):
+        if bad and key not in state.warned and (key != "robust_fraction" or cfg.w_uni > 0):
+            state.warned.add(key)
+            yield RunWarning(epoch=epoch, message=message)
+    return x, y
+
+
+def _reweight(cfg: Config, teacher: nn.Module, kept: tuple, state: _State, epoch: int) -> ClassWeightsUpdated:
+    """Phase B: robustness scores from teacher margins under PGD; new proportions when reweighting is on."""
+    x, y = kept
+    margins = teacher_margins(teacher, x, y, eps=cfg.eps, steps=cfg.reweight_steps, step_size=cfg.step_size)
+    state.scores = class_scores(margins.cpu().numpy(), y.cpu().numpy(), state.scores)
+    if cfg.reweight:
+        state.weights = class_weights(state.scores, c_min=cfg.c_min, c_max=cfg.c_max)
+    return ClassWeightsUpdated(epoch=epoch, weights=state.weights.copy(), scores=state.scores.copy())
+
+
+def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, teacher: nn.Module,
+            state: _State, stop: threading.Event, epoch: int, c: int, flip: bool) -> Iterator[Event]:
+    """Phase C: N_S student steps on batches of the memory, clean + adversarial."""
+    lr = student_lr(cfg, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    counts = np.zeros((c, c), dtype=np.int64)
+    n = len(state.memory_y)
+    for step in range(1, cfg.student_steps + 1):
+        if stop.is_set():
+            raise Stopped
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), device=state.memory_y.device)
+        x, y = state.memory_x[idx], state.memory_y[idx]
+        if cfg.augment:
+            x = augment(x, flip=flip)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        x_adv = training_attack(cfg, student, x, y, t_logits, c)
+        student.train()
+        s_clean, s_adv = student(x), student(x_adv)
+        loss = student_loss(cfg, t_logits, s_clean, s_adv)
+        if not torch.isfinite(loss.total):
+            raise NonFiniteLoss(f"student loss is {float(loss.total)} at epoch {epoch}, step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        optimizer.step()
+        counts += target_counts(y.cpu().numpy(), s_adv.detach().argmax(1).cpu().numpy(), c)
+        yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
+                              losses={"total": float(loss.total), "nat": float(loss.nat), "rob": float(loss.rob)})
+    yield AttackTargets(epoch=epoch, counts=counts, source="train")
+
+
+def _save_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer,
+                     synth: Synthesizer | None, state: _State, wall: float) -> None:
+    data = {
+        "epoch": state.epoch, "config": to_dict(cfg), "student": student.state_dict(),
+        "optimizer": optimizer.state_dict(), "weights": torch.as_tensor(state.weights),
+        "scores": torch.as_tensor(state.scores), "wall_s": wall, "warned": sorted(state.warned),
+        "rng": _rng_state(),
+    }
+    if synth is not None:
+        data.update(generator=synth.generator.state_dict(), generator_optimizer=synth.optimizer.state_dict(),
+                    memory_x=state.memory_x.cpu(), memory_y=state.memory_y.cpu())
+    atomic.save_torch(path, data)
+
+
+def _load_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer,
+                     synth: Synthesizer | None, state: _State, device: torch.device) -> _State:
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if data["config"] != to_dict(cfg):
+        raise ConfigError("resume: the checkpoint was written with a different config")
+    student.load_state_dict(data["student"])
+    optimizer.load_state_dict(data["optimizer"])
+    if synth is not None:
+        synth.generator.load_state_dict(data["generator"])
+        synth.optimizer.load_state_dict(data["generator_optimizer"])
+        state.memory_x = data["memory_x"].to(device)
+        state.memory_y = data["memory_y"].to(device)
+    state.epoch = int(data["epoch"])
+    state.weights = data["weights"].numpy()
+    state.scores = data["scores"].numpy()
+    state.wall_offset = float(data["wall_s"])
+    state.warned = set(data["warned"])
+    _set_rng_state(data["rng"])
+    return state
+
+
+def save_student(path: Path, student: nn.Module, cfg: Config) -> Path:
+    """The distilled student with what `load_student` needs to rebuild it (a weights-only file)."""
+    info = dataset_info(cfg.dataset)
+    atomic.save_torch(path, {
+        "arch": cfg.student_arch, "num_classes": info.num_classes, "in_channels": info.image_shape[0],
+        "image_size": info.image_shape[1], "dataset": cfg.dataset, "method": cfg.method,
+        "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
+    })
+    return path
+
+
+def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """A saved student in eval mode; it takes [0,1] pixels (the model owns its normalisation)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"student checkpoint not found: {p}")
+    data = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or "arch" not in data or "state_dict" not in data:
+        raise ValueError(f"{p} is not a student checkpoint written by ferd (no 'arch'/'state_dict')")
+    model = create_model(data["arch"], num_classes=data["num_classes"], in_channels=data["in_channels"],
+                         image_size=data["image_size"])
+    model.load_state_dict(data["state_dict"])
+    return model.to(device).eval()

@@ -1,0 +1,229 @@
+"""Experiments over many runs: compare (methods x seeds) and ablate (one numeric field x values x seeds).
+
+A run's *record* is its results.json entry: method, seed, wall time, student path, eps, the final
+evaluation per attack (per-class accuracy, counts, mean, worst, NSD, Wilson intervals) and its synthesis
+diagnostics. The CLI and the dashboard build records from stored events with the same function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ferd import atomic
+from ferd.config import Config, ConfigError
+from ferd.events import ClassWeightsUpdated, Evaluated, Event, RunFinished, RunStarted, SamplesSynthesised
+from ferd.metrics import class_metrics
+from ferd.runner import execute
+from ferd.store import RunStore
+
+RESULTS = "results.json"
+
+
+def _json_float(v: float) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _list(a: Iterable) -> list:
+    return [_json_float(float(v)) for v in a]
+
+
+def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str = "") -> dict[str, Any]:
+    """The results.json entry of one run, from its events (the last evaluation counts)."""
+    started = next((e for e in events if isinstance(e, RunStarted)), None)
+    if started is None:
+        raise ValueError("no RunStarted event: not a run's event log")
+    cfg = started.config
+    finished = next((e for e in reversed(events) if isinstance(e, RunFinished)), None)
+    last_eval = next((e for e in reversed(events) if isinstance(e, Evaluated)), None)
+    ev_out: dict[str, Any] = {}
+    if last_eval is not None:
+        for attack, correct in last_eval.correct.items():
+            totals = last_eval.subset_totals.get(attack, last_eval.totals)
+            m = class_metrics(correct, totals)
+            ev_out[attack] = {
+                "per_class": _list(m.per_class), "counts": [int(v) for v in m.counts],
+                "totals": [int(v) for v in m.totals], "mean": _json_float(m.mean), "worst": _json_float(m.worst),
+                "worst_class": int(m.worst_class), "nsd": _json_float(m.nsd),
+                "ci_low": _list(m.ci_low), "ci_high": _list(m.ci_high),
+            }
+    return {
+        "run_id": run_id, "method": cfg["method"], "seed": cfg["seed"],
+        "wall_s": finished.wall_s if finished else None,
+        "student": student_path or (finished.student_path if finished else ""),
+        "eps": cfg["eps"], "eval_epoch": last_eval.epoch if last_eval else None, "final": bool(last_eval and last_eval.final),
+        "config": cfg, "teacher": started.teacher, "eval": ev_out, "synthesis": synthesis_summary(events),
+    }
+
+
+def synthesis_summary(events: Sequence[Event], last: int = 5) -> dict[str, Any]:
+    """Synthesis diagnostics averaged over the last `last` epochs (empty for the real-data method)."""
+    samples = [e for e in events if isinstance(e, SamplesSynthesised)][-last:]
+    if not samples:
+        return {}
+    weights = next((e for e in reversed(events) if isinstance(e, ClassWeightsUpdated)), None)
+    mem = samples[-1].memory_counts.astype(float)
+    with np.errstate(invalid="ignore"):
+        class_acc = np.nanmean(np.stack([s.class_acc for s in samples]), axis=0)
+    return {
+        "epochs": [s.epoch for s in samples],
+        "teacher_acc": float(np.mean([s.teacher_acc for s in samples])),
+        "teacher_conf": float(np.mean([s.teacher_conf for s in samples])),
+        "robust_fraction": _json_float(float(np.mean([s.robust_fraction for s in samples]))),
+        "class_acc": _list(class_acc),
+        "memory_share": _list(mem / max(mem.sum(), 1.0)),
+        "class_weights": _list(weights.weights) if weights else None,
+    }
+
+
+def add_ceiling_gaps(records: list[dict[str, Any]]) -> None:
+    """For each data-free record with a real-data run of the same seed (else any seed), the PGD-20 mean
+    gap to it and the fraction of it reached, stored under record["synthesis"]."""
+    ceilings = {r["seed"]: r for r in records if r["method"] == "real-data" and "pgd20" in r["eval"]}
+    if not ceilings:
+        return
+    for r in records:
+        if r["method"] == "real-data" or "pgd20" not in r["eval"]:
+            continue
+        ceil = ceilings.get(r["seed"]) or next(iter(ceilings.values()))
+        c, s = ceil["eval"]["pgd20"]["mean"], r["eval"]["pgd20"]["mean"]
+        r["synthesis"]["ceiling_run"] = ceil["run_id"]
+        r["synthesis"]["pgd20_gap_to_ceiling"] = c - s
+        r["synthesis"]["fraction_of_ceiling"] = s / c if c else None
+
+
+# ---- running many ----
+def run_many(configs: Sequence[Config], store: RunStore, *, names: Sequence[str] | None = None,
+             stop: threading.Event | None = None, on_event: Callable[[int, Event], None] | None = None,
+             ) -> list[dict[str, Any]]:
+    """Run configs one after another through the store; returns their records (stopped runs included)."""
+    records = []
+    for i, cfg in enumerate(configs):
+        if stop is not None and stop.is_set():
+            break
+        run_id = execute(cfg, store, stop=stop, name=names[i] if names else "",
+                         on_event=(lambda ev, i=i: on_event(i, ev)) if on_event else None)
+        events = [ev for _seq, ev in store.events(run_id)]
+        record = run_record(events, run_id=run_id)
+        record["status"] = store.get_run(run_id).status
+        store.set_summary(run_id, {k: record[k] for k in ("eval", "synthesis", "wall_s")})
+        records.append(record)
+    add_ceiling_gaps(records)
+    return records
+
+
+def compare_configs(base: Config, methods: Sequence[str], seeds: Sequence[int]) -> list[Config]:
+    """One config per (seed, method), seeds outermost so early results already pair up."""
+    return [base.for_method(m).replace(seed=s) for s in seeds for m in methods]
+
+
+def ablation_configs(base: Config, param: str, values: Sequence[float], seeds: Sequence[int]) -> list[Config]:
+    """The grid `param` in values x seeds on top of `base` (any numeric config field)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    if param not in fields or fields[param] not in ("int", "float"):
+        numeric = sorted(k for k, t in fields.items() if t in ("int", "float"))
+        raise ConfigError(f"ablate: {param!r} is not a numeric config field; choose one of {', '.join(numeric)}")
+    cast = int if fields[param] == "int" else float
+    out = []
+    for v in values:
+        if cast is int and float(v) != int(v):
+            raise ConfigError(f"ablate: {param} takes integers, got {v}")
+        out.extend(base.replace(**{param: cast(v)}, seed=s) for s in seeds)
+    return out
+
+
+def write_results(out: Path, records: list[dict[str, Any]], *, command: str, extra: dict | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS
+    atomic.write_text(path, json.dumps({"command": command, **(extra or {}), "runs": records}, indent=1))
+    return path
+
+
+# ---- tables ----
+ATTACK_ORDER = ("clean", "fgsm", "pgd20", "cw", "aa")
+
+
+def aggregate(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Long table: method, attack, class ('mean', 'worst', 'nsd' or a class index), mean and std over seeds, n."""
+    rows = []
+    for r in records:
+        for attack, m in r["eval"].items():
+            for c, a in enumerate(m["per_class"]):
+                rows.append((r["method"], r["seed"], attack, str(c), a))
+            for stat in ("mean", "worst", "nsd"):
+                rows.append((r["method"], r["seed"], attack, stat, m[stat]))
+    df = pd.DataFrame(rows, columns=["method", "seed", "attack", "class", "value"]).astype({"value": float})
+    g = df.groupby(["method", "attack", "class"], sort=False)["value"]
+    return g.agg(mean="mean", std="std", n="count").reset_index()
+
+
+def pm(mean: float, std: float, scale: float = 100.0, digits: int = 1) -> str:
+    if mean != mean:
+        return "–"
+    if std != std:
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def markdown_compare_table(records: Sequence[dict[str, Any]]) -> str:
+    """Per attack and method: per-class accuracy (%), mean, worst, NSD as mean ± std over seeds."""
+    agg = aggregate(records)
+    if agg.empty:
+        return "(no evaluations)"
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    num_classes = max(len(m["per_class"]) for r in records for m in r["eval"].values())
+    head = ["attack", "method"] + [str(c) for c in range(num_classes)] + ["mean", "worst", "NSD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for attack in [a for a in ATTACK_ORDER if a in set(agg["attack"])]:
+        for method in methods:
+            sub = agg[(agg.attack == attack) & (agg.method == method)].set_index("class")
+            if sub.empty:
+                continue
+            cells = [pm(sub.loc[str(c), "mean"], sub.loc[str(c), "std"], digits=0) for c in range(num_classes)]
+            cells += [pm(sub.loc["mean", "mean"], sub.loc["mean", "std"]),
+                      pm(sub.loc["worst", "mean"], sub.loc["worst", "std"]),
+                      pm(sub.loc["nsd", "mean"], sub.loc["nsd", "std"], scale=1.0, digits=3)]
+            lines.append(f"| {attack} | {method} (n={int(sub['n'].max())}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(records: Sequence[dict[str, Any]], param: str) -> pd.DataFrame:
+    """Per value of `param`: n and mean/std over seeds of clean mean, PGD-20 mean, PGD-20 worst class, PGD-20 NSD."""
+    rows = []
+    for r in records:
+        if "pgd20" not in r["eval"] or "clean" not in r["eval"]:
+            continue
+        rows.append({"value": r["config"][param], "clean": r["eval"]["clean"]["mean"],
+                     "pgd20_mean": r["eval"]["pgd20"]["mean"], "pgd20_worst": r["eval"]["pgd20"]["worst"],
+                     "pgd20_nsd": r["eval"]["pgd20"]["nsd"]})
+    cols = ["value", "n", "clean_mean", "clean_std", "pgd20_mean", "pgd20_mean_std", "pgd20_worst",
+            "pgd20_worst_std", "pgd20_nsd", "pgd20_nsd_std"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    df = pd.DataFrame(rows).astype(float)
+    g = df.groupby("value")
+    out = pd.DataFrame({
+        "n": g.size(), "clean_mean": g["clean"].mean(), "clean_std": g["clean"].std(),
+        "pgd20_mean": g["pgd20_mean"].mean(), "pgd20_mean_std": g["pgd20_mean"].std(),
+        "pgd20_worst": g["pgd20_worst"].mean(), "pgd20_worst_std": g["pgd20_worst"].std(),
+        "pgd20_nsd": g["pgd20_nsd"].mean(), "pgd20_nsd_std": g["pgd20_nsd"].std(),
+    }).reset_index()
+    return out[cols]
+
+
+def markdown_ablation_table(table: pd.DataFrame, param: str) -> str:
+    head = [param, "n", "clean %", "PGD-20 mean %", "PGD-20 worst class %", "PGD-20 NSD"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['value']:g} | {int(r['n'])} | {pm(r['clean_mean'], r['clean_std'])} | "
+                     f"{pm(r['pgd20_mean'], r['pgd20_mean_std'])} | {pm(r['pgd20_worst'], r['pgd20_worst_std'])} | "
+                     f"{pm(r['pgd20_nsd'], r['pgd20_nsd_std'], scale=1.0, digits=3)} |")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""One run, persisted: the engine's events go to the run store as they happen.
+
+Shared by the CLI and the dashboard's job threads, so a run started anywhere is stored the same way and
+can be listed, reopened, resumed or exported from anywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+
+from ferd import engine
+from ferd.config import Config, from_dict
+from ferd.events import TERMINAL, Event, RunFailed, RunStarted
+from ferd.store import RunStore
+
+RunFn = Callable[..., Iterator[Event]]
+
+
+def execute(cfg: Config, store: RunStore, *, stop: threading.Event | None = None, run_id: str | None = None,
+            resume: bool = False, name: str = "", on_event: Callable[[Event], None] | None = None,
+            run_fn: RunFn | None = None) -> str:
+    """Run `cfg` (or resume stored run `run_id` from its last checkpoint), storing every event.
+
+    With `run_id` the stored run's own config is used (`cfg` is ignored) and it restarts from scratch when
+    resume=False or when it has no checkpoint yet. Returns the run id.
+    An exception from the engine becomes a stored RunFailed event; nothing already stored is lost.
+    """
+    run_fn = run_fn or engine.run
+    if run_id is None:
+        run_id = store.create_run(cfg, name=name, status="queued")
+    else:
+        cfg = from_dict(store.get_run(run_id).config)
+        resume = resume and (store.run_dir(run_id) / engine.CHECKPOINT).is_file()
+        if not resume:
+            store.truncate_events(run_id, after_epoch=0)
+    terminal = False
+    try:
+        for ev in run_fn(cfg, stop, run_dir=store.run_dir(run_id), resume=resume):
+            if isinstance(ev, RunStarted) and resume:
+                # The log then equals an uninterrupted run's log up to the checkpoint's epoch.
+                store.truncate_events(run_id, after_epoch=ev.resumed_from)
+            store.append(run_id, ev)
+            terminal = terminal or ev.kind in TERMINAL
+            if on_event is not None:
+                on_event(ev)
+    except Exception as e:  # a crash in the loop itself (or an observer) is still recorded
+        ev = RunFailed(epoch=0, reason=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
+        store.append(run_id, ev)
+        if on_event is not None:
+            on_event(ev)
+        return run_id
+    if not terminal:
+        store.append(run_id, RunFailed(epoch=0, reason="the engine ended without a final event"))
+    return run_id

@@ -137,11 +137,12 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
     t_start = time.perf_counter()
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
     info = dataset_info(cfg.dataset)
     c = info.num_classes
     teacher, tinfo = load_teacher(cfg, device)
     x_test, y_test = test_split(cfg.dataset, cfg.data_root)
+    # Seeded after the teacher: training it on first use must not change what this run does.
+    seed_everything(cfg.seed)
     channels, size = info.image_shape[0], info.image_shape[1]
     student = create_model(cfg.student_arch, num_classes=c, in_channels=channels, image_size=size).to(device)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr_student, momentum=cfg.momentum,
@@ -313,7 +314,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         optimizer.step()
         counts += target_counts(y.cpu().numpy(), s_adv.detach().argmax(1).cpu().numpy(), c)
         yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
-                              losses={"total": float(loss.total), "nat": float(loss.nat), "rob": float(loss.rob)})
+                              losses={k: float(getattr(loss, k).detach()) for k in ("total", "nat", "rob")})
     yield AttackTargets(epoch=epoch, counts=counts, source="train")
 
 

@@ -177,7 +177,7 @@ class Synthesizer:
                 else:
                     l_uni = torch.zeros((), device=self.device)
                 loss = cfg.w_bn * l_bn + cfg.w_oh * l_oh + cfg.w_adv * l_adv + cfg.w_uni * l_uni
-                value = float(loss)
+                value = float(loss.detach())
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"generator loss is {value} at step {step}")
                 if best is None or value < best.loss:
@@ -188,5 +188,6 @@ class Synthesizer:
                 self.optimizer.step()
                 z_opt.step()
                 yield GeneratorStep(step=step, robust_fraction=frac, losses={
-                    "total": value, "bn": float(l_bn), "oh": float(l_oh), "adv": float(l_adv), "uni": float(l_uni)})
+                    "total": value, "bn": float(l_bn.detach()), "oh": float(l_oh.detach()), "adv": float(l_adv.detach()),
+                    "uni": float(l_uni.detach())})
         return None if should_stop() else best

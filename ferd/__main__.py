@@ -1,0 +1,5 @@
+import sys
+
+from ferd.cli import main
+
+sys.exit(main())

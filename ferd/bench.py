@@ -1,0 +1,94 @@
+"""`python -m ferd bench`: where an epoch's time goes, on whatever device is present.
+
+Reports the teacher load time, the latency to the first event, the mean seconds per epoch of each phase
+(synthesis incl. the feature split, reweighting, distillation, evaluation), the feature split alone
+(one call at the synthesis batch size, as run inside every generator step), and peak memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ferd.config import Config
+from ferd.data import dataset_info
+from ferd.device import resolve_device, set_threads
+from ferd.engine import run
+from ferd.events import EpochFinished, RunFailed
+from ferd.feature_split import split_features
+from ferd.teachers import load_teacher
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_split(cfg: Config, repeats: int = 5) -> float:
+    """Seconds for one feature split (cfg.split_steps Adam steps) on a synthesis-sized batch of teacher features."""
+    device = resolve_device(cfg.device)
+    teacher, _ = load_teacher(cfg, device)
+    info = dataset_info(cfg.dataset)
+    x = torch.rand(cfg.batch_size, *info.image_shape, device=device)
+    y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
+    with torch.no_grad():
+        h = teacher.features(x)
+    split_features(teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
+                   rule=cfg.mask_rule)  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        split_features(teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
+                       rule=cfg.mask_rule)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats
+
+
+def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
+    """Run `epochs` epochs of `cfg` (warm-up 1, evaluation on the last) and print the per-phase table."""
+    cfg = cfg.replace(epochs=epochs, warmup_epochs=min(1, epochs - 1), eval_every=epochs,
+                      final_attacks=tuple(a for a in cfg.eval_attacks))
+    threads = set_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    load_teacher(cfg, device)
+    teacher_s = time.perf_counter() - t0
+    phases: dict[str, list[float]] = {}
+    first_event = None
+    t0 = time.perf_counter()
+    for ev in run(cfg, threading.Event()):
+        if first_event is None:
+            first_event = time.perf_counter() - t0
+        if isinstance(ev, RunFailed):
+            raise RuntimeError(f"bench run failed: {ev.reason}")
+        if isinstance(ev, EpochFinished):
+            for k, v in ev.phase_s.items():
+                phases.setdefault(k, []).append(v)
+    total = time.perf_counter() - t0
+    split_s = time_split(cfg)
+    result = {"teacher_load_s": teacher_s, "first_event_s": first_event or 0.0, "run_s": total,
+              "epoch_s": total / epochs, "split_s": split_s, "peak_rss_mib": peak_rss_mib()}
+    for k, v in phases.items():
+        result[f"{k}_s"] = float(np.mean(v))
+    if device.type == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(f"device {device}, torch threads {threads}, method {cfg.method}, B {cfg.batch_size}, "
+          f"N_G {cfg.generator_steps}, N_S {cfg.student_steps}, {epochs} epochs", file=out)
+    print(f"{'phase':34s} {'seconds':>9s}", file=out)
+    rows = [("teacher load (cached after first use)", teacher_s), ("first event after start", first_event or 0.0)]
+    rows += [(f"{k} (mean per epoch)", float(np.mean(v))) for k, v in phases.items()]
+    rows += [(f"feature split, one call ({cfg.split_steps} steps)", split_s),
+             (f"whole run ({epochs} epochs)", total)]
+    for name, v in rows:
+        print(f"{name:34s} {v:9.3f}", file=out)
+    print(f"{'peak RSS (MiB)':34s} {result['peak_rss_mib']:9.0f}", file=out)
+    if "peak_cuda_mib" in result:
+        print(f"{'peak CUDA memory (MiB)':34s} {result['peak_cuda_mib']:9.0f}", file=out)
+    return result

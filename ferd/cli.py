@@ -1,0 +1,345 @@
+"""Command line: `python -m ferd <command>`. The same engine and store as the dashboard, without a browser.
+
+  run       one run of a preset or config file
+  compare   several methods x seeds on one teacher -> DIR/results.json + a Markdown table
+  ablate    one numeric config field over values x seeds -> DIR/results.json + DIR/ablation.csv
+  eval      evaluate a saved student on the real test split
+  teacher   train/cache the embedded teacher (or load a checkpoint) and print its per-class robustness
+  runs      list stored runs;  export  zip a stored run
+  bench     time each phase of an epoch and peak memory on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ferd import experiments
+from ferd.config import Config, ConfigError, load, load_preset, preset_names
+from ferd.data import DataError
+from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning
+from ferd.store import RunStore, StoreError
+from ferd.teachers import TeacherError
+
+EXIT_USAGE = 2
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are TOML literals (numbers, true/false, ["a", "b"]) or bare strings."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    overrides = parse_overrides(args.set or [])
+    cfg = load(args.config) if getattr(args, "config", None) else load_preset(args.preset)
+    if getattr(args, "method", None):
+        cfg = cfg.for_method(args.method)
+    if getattr(args, "seed", None) is not None:
+        overrides["seed"] = args.seed
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _store(args: argparse.Namespace) -> RunStore:
+    return RunStore(args.store) if args.store else RunStore()
+
+
+class Progress:
+    """tqdm bar over epochs for one run; warnings and evaluations printed above it."""
+
+    def __init__(self, label: str, total_epochs: int, *, quiet: bool = False) -> None:
+        self.bar = tqdm(total=total_epochs, desc=label, unit="epoch", disable=quiet, leave=True,
+                        file=sys.stderr, dynamic_ncols=True)
+        self.quiet = quiet
+
+    def __call__(self, ev: Event) -> None:
+        kind = ev.kind
+        if kind == "epoch_finished":
+            self.bar.update(ev.epoch - self.bar.n)
+        elif kind == "student_progress" and ev.step == ev.total_steps:
+            self.bar.set_postfix(loss=f"{ev.losses['total']:.3f}", refresh=False)
+        elif kind == "samples_synthesised":
+            self.bar.set_postfix(teacher_acc_xstar=f"{ev.teacher_acc:.2f}", robust=f"{ev.robust_fraction:.2f}",
+                                 refresh=False)
+        elif isinstance(ev, RunWarning):
+            tqdm.write(f"warning (epoch {ev.epoch}): {ev.message}", file=sys.stderr)
+        elif isinstance(ev, Evaluated) and not self.quiet:
+            accs = "  ".join(f"{a} {float(ev.correct[a].sum()) / float(ev.subset_totals.get(a, ev.totals).sum()):.1%}"
+                             for a in ev.correct)
+            tqdm.write(f"epoch {ev.epoch} eval: {accs}", file=sys.stderr)
+        elif isinstance(ev, RunFailed):
+            tqdm.write(f"run failed: {ev.reason}", file=sys.stderr)
+        elif isinstance(ev, RunStopped):
+            tqdm.write(f"run stopped: {ev.reason}", file=sys.stderr)
+        if kind in ("run_finished", "run_stopped", "run_failed"):
+            self.bar.close()
+
+
+def _print_record(rec: dict[str, Any]) -> None:
+    print(f"\n{rec['method']} seed {rec['seed']}: run {rec['run_id']}, status {rec.get('status', '?')}, "
+          f"wall {rec['wall_s'] or 0:.1f} s")
+    for attack, m in rec["eval"].items():
+        per = " ".join(f"{a * 100:5.1f}" if a is not None else "   – " for a in m["per_class"])
+        nsd = f"{m['nsd']:.3f}" if m["nsd"] is not None else "–"
+        print(f"  {attack:6s} mean {m['mean'] * 100:5.1f}  worst {m['worst'] * 100:5.1f} (class {m['worst_class']})"
+              f"  NSD {nsd}  per class: {per}")
+    syn = rec.get("synthesis") or {}
+    if syn:
+        line = (f"  synthesis: teacher acc on x* {syn['teacher_acc']:.1%}, conf {syn['teacher_conf']:.2f}, "
+                f"robust fraction {syn['robust_fraction']:.1%}" if syn["robust_fraction"] is not None else "")
+        if "fraction_of_ceiling" in syn and syn["fraction_of_ceiling"] is not None:
+            line += f", PGD-20 {syn['fraction_of_ceiling']:.0%} of the real-data ceiling"
+        print(line)
+
+
+def _run_configs(args: argparse.Namespace, configs: list[Config], names: list[str]) -> list[dict[str, Any]]:
+    store = _store(args)
+    stop = threading.Event()
+    bars: dict[int, Progress] = {}
+
+    def on_event(i: int, ev: Event) -> None:
+        if i not in bars:
+            bars[i] = Progress(names[i], configs[i].epochs, quiet=args.quiet)
+        bars[i](ev)
+
+    try:
+        records = experiments.run_many(configs, store, names=names, stop=stop, on_event=on_event)
+    except KeyboardInterrupt:  # the engine saw nothing; the store marks the run interrupted next time
+        stop.set()
+        raise
+    for rec in records:
+        _print_record(rec)
+    return records
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    store = _store(args)
+    if args.resume:
+        from ferd.runner import execute
+
+        info = store.get_run(args.resume)
+        bar = Progress(f"resume {args.resume}", int(info.config["epochs"]), quiet=args.quiet)
+        run_id = execute(cfg, store, run_id=args.resume, resume=True, on_event=bar)
+        events = [ev for _s, ev in store.events(run_id)]
+        rec = experiments.run_record(events, run_id=run_id)
+        rec["status"] = store.get_run(run_id).status
+        records = [rec]
+        _print_record(rec)
+    else:
+        records = _run_configs(args, [cfg], [f"{cfg.method} seed {cfg.seed}"])
+    if args.out:
+        path = experiments.write_results(Path(args.out), records, command=" ".join(sys.argv))
+        print(f"results: {path}")
+    return 0 if all(r.get("status") == "finished" for r in records) else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    base = build_config(args)
+    configs = experiments.compare_configs(base, args.methods, args.seeds)
+    names = [f"{c.method} seed {c.seed}" for c in configs]
+    t0 = time.perf_counter()
+    records = _run_configs(args, configs, names)
+    wall = time.perf_counter() - t0
+    out = Path(args.out)
+    path = experiments.write_results(out, records, command=" ".join(sys.argv), extra={"wall_s": wall})
+    table = experiments.markdown_compare_table(records)
+    (out / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\n{len(records)} runs in {wall:.0f} s; results: {path}")
+    return 0 if all(r.get("status") == "finished" for r in records) else 1
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    base = build_config(args)
+    configs = experiments.ablation_configs(base, args.param, args.values, args.seeds)
+    names = [f"{args.param}={getattr(c, args.param)} seed {c.seed}" for c in configs]
+    t0 = time.perf_counter()
+    records = _run_configs(args, configs, names)
+    wall = time.perf_counter() - t0
+    out = Path(args.out)
+    path = experiments.write_results(out, records, command=" ".join(sys.argv),
+                                     extra={"wall_s": wall, "param": args.param})
+    table = experiments.ablation_table(records, args.param)
+    table.to_csv(out / "ablation.csv", index=False)
+    md = experiments.markdown_ablation_table(table, args.param)
+    (out / "table.md").write_text(md + "\n")
+    print("\n" + md)
+    print(f"\n{len(records)} runs in {wall:.0f} s; results: {path}, table: {out / 'ablation.csv'}")
+    return 0 if all(r.get("status") == "finished" for r in records) else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ferd.data import dataset_info, test_split
+    from ferd.device import resolve_device
+    from ferd.engine import load_student
+    from ferd.evaluation import evaluate
+    from ferd.metrics import class_metrics
+
+    device = resolve_device(args.device)
+    meta = torch.load(args.student, map_location="cpu", weights_only=True) if Path(args.student).is_file() else {}
+    dataset = args.dataset or meta.get("dataset", "digits")
+    model = load_student(args.student, device)
+    x, y = test_split(dataset, args.data_root)
+    t0 = time.perf_counter()
+    result = evaluate(model, x.to(device), y.to(device), num_classes=dataset_info(dataset).num_classes,
+                      attacks=args.attacks, eps=args.eps, step_size=args.step_size or args.eps / 4,
+                      steps=args.steps, aa_subset=args.aa_subset, device=device, seed=args.seed)
+    out = {}
+    for attack, correct in result.correct.items():
+        m = class_metrics(correct, result.subset_totals.get(attack, result.totals))
+        out[attack] = m.to_dict()
+        print(f"{attack:6s} mean {m.mean:.1%}  worst {m.worst:.1%} (class {m.worst_class})  NSD {m.nsd:.3f}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"student": args.student, "eps": args.eps, "eval": out}, indent=1))
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from ferd.device import resolve_device
+    from ferd.teachers import load_teacher
+
+    cfg = build_config(args)
+    bar = tqdm(total=cfg.teacher_epochs, desc="teacher (adversarial training, first use only)", unit="epoch",
+               file=sys.stderr)
+
+    def progress(epoch: int, total: int) -> None:
+        bar.update(epoch - bar.n)
+
+    t0 = time.perf_counter()
+    _model, info = load_teacher(cfg, resolve_device(cfg.device), progress=progress)
+    bar.close()
+    d = info.to_dict()
+    print(f"teacher {d['name']} ({d['arch']}), {d['path']}  [{time.perf_counter() - t0:.1f} s this call]")
+    print(f"clean {d['clean_acc']:.1%}   PGD-20 (eps {cfg.eps}) {d['pgd_acc']:.1%}")
+    for c, (a, r) in enumerate(zip(d["clean_per_class"], d["pgd_per_class"], strict=True)):
+        print(f"  class {c}: clean {a:.1%}  PGD-20 {r:.1%}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    store = _store(args)
+    for info in store.list_runs():
+        print(f"{info.run_id}  {info.status:11s}  {info.method:9s} seed {info.seed:<3d} {info.dataset:8s} {info.name}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path = _store(args).export_run(args.run_id, Path(args.out))
+    print(path)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ferd.bench import bench
+
+    cfg = build_config(args)
+    bench(cfg, epochs=args.epochs)
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, *, method: bool = True) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="digits", help=f"preset name ({', '.join(preset_names())})")
+    src.add_argument("--config", help="TOML or JSON config file (flat table of fields)")
+    if method:
+        p.add_argument("--method", choices=("ferd", "dfrd", "real-data"), help="override the preset's method")
+        p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. --set w_uni=2 epochs=10")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ferd", description="FERD Studio: robust fairness in "
+                                     "data-free robustness distillation.")
+    parser.add_argument("--store", help="run store folder (default: $FERD_HOME or the user data dir)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="one run of a preset or config file")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN_ID", help="resume a stopped/interrupted run from its last checkpoint")
+    p.add_argument("--out", help="also write DIR/results.json")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="methods x seeds on one teacher")
+    _add_config_args(p, method=False)
+    p.add_argument("--methods", nargs="+", default=["ferd", "dfrd"], choices=("ferd", "dfrd", "real-data"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("ablate", help="one numeric field over values x seeds")
+    _add_config_args(p)
+    p.add_argument("--param", required=True)
+    p.add_argument("--values", nargs="+", type=float, required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("eval", help="evaluate a saved student")
+    p.add_argument("student")
+    p.add_argument("--dataset", help="default: the dataset stored in the checkpoint")
+    p.add_argument("--data-root", default="")
+    p.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw", "aa"])
+    p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--step-size", type=float)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--aa-subset", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("teacher", help="train/cache the embedded teacher or inspect a checkpoint")
+    _add_config_args(p, method=False)
+    p.set_defaults(func=cmd_teacher)
+
+    p = sub.add_parser("runs", help="list stored runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("export", help="zip a stored run (config, events, metrics CSV, student)")
+    p.add_argument("run_id")
+    p.add_argument("--out", default=".")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="time each phase of an epoch and peak memory")
+    _add_config_args(p)
+    p.add_argument("--epochs", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, TeacherError, StoreError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

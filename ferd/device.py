@@ -1,0 +1,43 @@
+"""Where computation runs: the device is resolved once from the config, and CPU threads are set once.
+
+Everything below the entry points takes its device from its inputs; nothing calls `.cuda()`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda if available else cpu; `cpu`; `cuda` or `cuda:N`.
+
+    Raises ValueError for other names, and for `cuda[:N]` when CUDA is absent or N is out of range.
+    """
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise ValueError(f"invalid CUDA device {name!r}; use 'cuda' or 'cuda:N'") from e
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r}: only {count} CUDA device(s) visible (indices 0..{count - 1})")
+        return device
+    raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def set_threads(n: int) -> int:
+    """Set torch's intra-op CPU threads; n = 0 means all cores but one (at least one). Returns the count set."""
+    if n < 0:
+        raise ValueError(f"thread count must be >= 0, got {n}")
+    threads = n if n > 0 else max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
+    return threads

@@ -1,0 +1,96 @@
+"""Per-class evaluation on real test data under each attack (METHOD.md §7).
+
+`evaluate` returns per-class correct counts per attack (the raw material of every fairness metric), the
+class totals, and the PGD attack-target histogram. It leaves the caller's world as it found it: the model's
+mode and requires_grad flags, and torch's global random state (the attacks' random starts draw from a
+private seed), so evaluating mid-training does not change what training does next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ferd.attacks import ATTACKS, attack_mode, get_attack, isolated_rng
+from ferd.metrics import ClassMetrics, class_metrics, class_totals, correct_counts, target_counts
+
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    correct: dict[str, np.ndarray]
+    """attack (or "clean") -> (C,) int correctly classified samples per true class."""
+    totals: np.ndarray
+    """(C,) int test samples per class."""
+    subset_totals: dict[str, np.ndarray]
+    """attack -> (C,) int samples per class where the attack ran on a subset (AutoAttack)."""
+    pgd_targets: np.ndarray | None
+    """(C, C) int (true, predicted) counts of samples misclassified under PGD; None without "pgd20"."""
+
+    def metrics(self, z: float = 1.96) -> dict[str, ClassMetrics]:
+        """Per-attack class metrics, each against the totals its attack actually ran on."""
+        return {name: class_metrics(c, self.subset_totals.get(name, self.totals), z=z)
+                for name, c in self.correct.items()}
+
+
+def stratified_subset(y: np.ndarray, n: int, num_classes: int) -> np.ndarray:
+    """Indices of the first max(1, n // C) samples of each class (fewer where a class has fewer), in order."""
+    y = np.asarray(y)
+    per_class = max(1, n // num_classes)
+    keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(num_classes)])
+    return np.sort(keep)
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model(x).argmax(dim=1).cpu().numpy()
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, attacks: Sequence[str],
+             eps: float, step_size: float, steps: int = 20, kappa: float = 50.0, batch_size: int = 256,
+             aa_subset: int = 0, device: str | torch.device, seed: int = 0) -> Evaluation:
+    """Per-class accuracy of `model` (already on `device`) on (x, y) in [0,1] under each of `attacks`.
+
+    attacks: names from ("clean", "fgsm", "pgd20", "cw", "aa"); PGD-20 and CW use `steps` steps of `step_size`.
+    aa_subset > 0 runs AutoAttack on a stratified subset of about that size (`stratified_subset`) and records
+    its per-class totals in `subset_totals`. Random starts are seeded from `seed`; the global RNG is restored.
+    """
+    unknown = [a for a in attacks if a != CLEAN and a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {', '.join((CLEAN, *ATTACKS))}")
+    y_np = y.cpu().numpy()
+    totals = class_totals(y_np, num_classes)
+    correct = {name: np.zeros(num_classes, dtype=np.int64) for name in attacks}
+    pgd_targets = np.zeros((num_classes, num_classes), dtype=np.int64) if "pgd20" in attacks else None
+    batched = [a for a in attacks if a not in (CLEAN, "aa")]
+    settings = dict(eps=eps, step_size=step_size, steps=steps, kappa=kappa, device=device, seed=seed)
+    subset_totals: dict[str, np.ndarray] = {}
+    with attack_mode(model), isolated_rng(seed):
+        for start in range(0, len(x), batch_size):
+            xb = x[start:start + batch_size].to(device)
+            yb = y[start:start + batch_size].to(device)
+            yb_np = y_np[start:start + batch_size]
+            if CLEAN in attacks:
+                correct[CLEAN] += correct_counts(_predict(model, xb), yb_np, num_classes)
+            for name in batched:
+                pred = _predict(model, get_attack(name)(model, xb, yb, **settings))
+                correct[name] += correct_counts(pred, yb_np, num_classes)
+                if name == "pgd20":
+                    pgd_targets += target_counts(yb_np, pred, num_classes)
+        if "aa" in attacks:
+            idx = np.arange(len(y_np))
+            if aa_subset > 0:
+                idx = stratified_subset(y_np, aa_subset, num_classes)
+                subset_totals["aa"] = class_totals(y_np[idx], num_classes)
+            rows = torch.from_numpy(idx).to(x.device)
+            x_adv = get_attack("aa")(model, x[rows], y[rows], **settings)
+            preds = np.concatenate([_predict(model, x_adv[s:s + batch_size].to(device))
+                                    for s in range(0, len(idx), batch_size)])
+            correct["aa"] = correct_counts(preds, y_np[idx], num_classes)
+    return Evaluation(correct=correct, totals=totals, subset_totals=subset_totals, pgd_targets=pgd_targets)
+

@@ -1,0 +1,154 @@
+"""Evaluation: hand-checkable counts, subsets, determinism, and no side effects on the caller."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ferd.evaluation import Evaluation, evaluate, stratified_subset
+
+C = 4
+EPS = 0.02
+FAST = ("clean", "fgsm", "pgd20", "cw")
+
+
+class LookupModel(nn.Module):
+    """Predicts with margin 10 the class encoded in pixel (0, 0) as c / (C - 1) ("oracle"), or always class 0
+    ("constant"); a tiny linear term keeps gradients non-zero without ever changing the prediction at EPS."""
+
+    def __init__(self, constant: bool) -> None:
+        super().__init__()
+        self.constant = constant
+        self.linear = nn.Linear(16, C)
+        nn.init.normal_(self.linear.weight, std=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.constant:
+            cls = torch.zeros(len(x), dtype=torch.long)
+        else:
+            cls = torch.round(x[:, 0, 0, 0].detach() * (C - 1)).long()
+        return 10.0 * nn.functional.one_hot(cls, C).float() + self.linear(x.flatten(1))
+
+
+def _data(per_class: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+    y = y[torch.randperm(len(y), generator=g)]
+    x = torch.rand(len(y), 1, 4, 4, generator=g)
+    x[:, 0, 0, 0] = y.float() / (C - 1)
+    return x, y
+
+
+def _evaluate(model, x, y, attacks=FAST, **kw) -> Evaluation:
+    kw = {"eps": EPS, "step_size": EPS / 4, "steps": 3, "device": "cpu", **kw}
+    return evaluate(model, x, y, num_classes=C, attacks=attacks, **kw)
+
+
+def test_oracle_model_is_always_correct():
+    x, y = _data([5, 3, 4, 2])
+    ev = _evaluate(LookupModel(constant=False), x, y, batch_size=5)
+    assert ev.totals.tolist() == [5, 3, 4, 2]
+    assert set(ev.correct) == set(FAST)
+    for counts in ev.correct.values():
+        assert counts.tolist() == [5, 3, 4, 2]
+    np.testing.assert_array_equal(ev.pgd_targets, np.zeros((C, C)))
+    m = ev.metrics()["pgd20"]
+    assert m.mean == 1.0 and m.worst == 1.0 and m.nsd == 0.0
+
+
+def test_constant_model_counts_and_targets():
+    x, y = _data([5, 3, 4, 2])
+    ev = _evaluate(LookupModel(constant=True), x, y, batch_size=4)
+    for counts in ev.correct.values():
+        assert counts.tolist() == [5, 0, 0, 0]
+    expected = np.zeros((C, C), dtype=int)
+    expected[1:, 0] = [3, 4, 2]
+    np.testing.assert_array_equal(ev.pgd_targets, expected)
+    m = ev.metrics()["clean"]
+    assert m.mean == pytest.approx(0.25) and m.worst == 0.0 and m.worst_class == 1
+    assert m.nsd == pytest.approx(np.std([1, 0, 0, 0], ddof=1) / 0.25)
+
+
+def test_no_pgd_targets_without_pgd():
+    x, y = _data([2, 2, 2, 2])
+    ev = _evaluate(LookupModel(constant=True), x, y, attacks=("clean", "fgsm"))
+    assert ev.pgd_targets is None and set(ev.correct) == {"clean", "fgsm"}
+
+
+def test_unknown_attack_raises():
+    x, y = _data([1, 1, 1, 1])
+    with pytest.raises(ValueError, match="clean, fgsm, pgd20, cw, aa"):
+        _evaluate(LookupModel(constant=True), x, y, attacks=("clean", "pgd7"))
+
+
+def test_stratified_subset_takes_first_of_each_class():
+    y = np.array([2, 0, 0, 1, 2, 0, 1, 2, 3])
+    assert stratified_subset(y, 8, 4).tolist() == [0, 1, 2, 3, 4, 6, 8]  # 2 a class, class 3 has only one
+    assert stratified_subset(y, 2, 4).tolist() == [0, 1, 3, 8]  # at least one a class
+
+
+@pytest.mark.slow
+def test_autoattack_on_stratified_subset():
+    x, y = _data([3, 3, 3, 3])
+    ev = _evaluate(LookupModel(constant=False), x, y, attacks=("clean", "aa"), aa_subset=4)
+    assert ev.subset_totals["aa"].tolist() == [1, 1, 1, 1]
+    assert ev.correct["aa"].tolist() == [1, 1, 1, 1]
+    metrics = ev.metrics()
+    assert metrics["aa"].totals.tolist() == [1, 1, 1, 1] and metrics["aa"].mean == 1.0
+    assert metrics["clean"].totals.tolist() == [3, 3, 3, 3]
+
+
+def _mlp_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, C))
+    x = torch.rand(64, 1, 4, 4)
+    with torch.no_grad():
+        model.eval()
+        y = model(x).argmax(1)  # all clean-correct, so the attacks decide the counts
+    return model, x, y
+
+
+def test_global_rng_untouched():
+    model, x, y = _mlp_problem()
+    torch.manual_seed(1)
+    expected = torch.rand(5)
+    torch.manual_seed(1)
+    _evaluate(model, x, y, eps=0.2)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_deterministic_for_fixed_seed_whatever_the_global_state():
+    model, x, y = _mlp_problem()
+    torch.manual_seed(5)
+    a = _evaluate(model, x, y, eps=0.2, steps=1, seed=3)
+    torch.manual_seed(6)
+    b = _evaluate(model, x, y, eps=0.2, steps=1, seed=3)
+    for name in FAST:
+        np.testing.assert_array_equal(a.correct[name], b.correct[name])
+    np.testing.assert_array_equal(a.pgd_targets, b.pgd_targets)
+    assert a.correct["pgd20"].sum() < a.correct["clean"].sum()
+
+
+def test_restores_model_mode_and_grad_flags():
+    model, x, y = _mlp_problem()
+    model.train()
+    running_mean = model[2].running_mean.clone()
+    flags = [True, False, True, False, True, True]
+    for p, f in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(f)
+    _evaluate(model, x, y)
+    assert model.training
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model[2].running_mean, running_mean)
+
+
+def test_batch_size_does_not_change_deterministic_attacks():
+    model, x, y = _mlp_problem()
+    a = _evaluate(model, x, y, attacks=("clean", "fgsm"), eps=0.2, batch_size=7)
+    b = _evaluate(model, x, y, attacks=("clean", "fgsm"), eps=0.2, batch_size=64)
+    for name in ("clean", "fgsm"):
+        np.testing.assert_array_equal(a.correct[name], b.correct[name])
+    assert a.correct["fgsm"].sum() < a.correct["clean"].sum()

@@ -1,0 +1,93 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ferd.models import MODELS, Generator, create_model, register_model
+
+# (in_channels, image_size) small enough to keep the walk fast; CIFAR models at 32px, digits models at 16px.
+SHAPES = {"digits-cnn": (1, 16), "digits-cnn-small": (1, 16)}
+HEAVY = {"wrn-34-10": (640, 8, 8)}  # name -> feature-layer shape on 32px inputs
+
+
+def _inputs(name: str, batch: int = 2) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    c, s = SHAPES.get(name, (3, 32))
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, in_channels=c, image_size=s)
+    return model, torch.rand(batch, c, s, s), torch.arange(batch) % 7
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) - HEAVY))
+def test_forward_features_head_and_gradients(name: str) -> None:
+    model, x, y = _inputs(name)
+    model.train()
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+    F.cross_entropy(logits, y).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a finite gradient: {missing[:5]}"
+    model.eval()
+    with torch.no_grad():
+        h = model.features(x)
+        assert h.dim() == 4
+        assert torch.allclose(model.head(h), model(x), atol=1e-5)
+        # The feature layer is a BN output before the final ReLU, so it takes negative values.
+        assert (h < 0).any()
+
+
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_heavy_model_forward(name: str) -> None:
+    model, x, _ = _inputs(name)
+    model.eval()
+    with torch.no_grad():
+        h = model.features(x)
+        logits = model.head(h)
+    assert h.shape == (2, *HEAVY[name])
+    assert logits.shape == (2, 7)
+    assert torch.isfinite(logits).all()
+
+
+def test_feature_layer_shapes() -> None:
+    assert create_model("digits-cnn", num_classes=10, in_channels=1, image_size=16).features(
+        torch.rand(2, 1, 16, 16)).shape == (2, 128, 4, 4)
+    assert create_model("digits-cnn-small", num_classes=10, in_channels=1, image_size=16).features(
+        torch.rand(2, 1, 16, 16)).shape == (2, 64, 4, 4)
+
+
+def test_models_own_their_normalisation() -> None:
+    model = create_model("digits-cnn", num_classes=10, in_channels=1, image_size=16).eval()
+    state = model.state_dict()
+    assert "normalize.mean" in state and "normalize.std" in state
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        model.normalize.mean.fill_(0.0)
+        assert not torch.allclose(before, model(x))
+
+
+def test_unknown_model_lists_names() -> None:
+    with pytest.raises(ValueError, match="digits-cnn.*wrn-34-10"):
+        create_model("resnet1000", num_classes=10, in_channels=3, image_size=32)
+
+
+def test_registering_a_taken_name_fails() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("digits-cnn")(lambda n, c, s: None)
+
+
+@pytest.mark.parametrize("size", [16, 28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_shape_and_range(size: int, channels: int) -> None:
+    torch.manual_seed(0)
+    gen = Generator(16, channels, size, width=8)
+    z = torch.randn(3, 16) * 10  # large latents would push an unbounded output outside [0,1]
+    x = gen(z)
+    assert x.shape == (3, channels, size, size)
+    assert x.min() >= 0 and x.max() <= 1
+    x.mean().backward()
+    assert all(p.grad is not None for p in gen.parameters())
+
+
+def test_generator_rejects_sizes_not_divisible_by_4() -> None:
+    with pytest.raises(ValueError, match="multiple of 4"):
+        Generator(16, 1, 30)

@@ -59,7 +59,8 @@ def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str =
         "run_id": run_id, "method": cfg["method"], "seed": cfg["seed"],
         "wall_s": finished.wall_s if finished else None,
         "student": student_path or (finished.student_path if finished else ""),
-        "eps": cfg["eps"], "eval_epoch": last_eval.epoch if last_eval else None, "final": bool(last_eval and last_eval.final),
+        "eps": cfg["eps"], "eval_epoch": last_eval.epoch if last_eval else None,
+        "final": bool(last_eval and last_eval.final),
         "config": cfg, "teacher": started.teacher, "eval": ev_out, "synthesis": synthesis_summary(events),
     }
 

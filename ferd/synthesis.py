@@ -187,7 +187,7 @@ class Synthesizer:
                 loss.backward()
                 self.optimizer.step()
                 z_opt.step()
-                yield GeneratorStep(step=step, robust_fraction=frac, losses={
-                    "total": value, "bn": float(l_bn.detach()), "oh": float(l_oh.detach()), "adv": float(l_adv.detach()),
-                    "uni": float(l_uni.detach())})
+                parts = {"bn": l_bn, "oh": l_oh, "adv": l_adv, "uni": l_uni}
+                yield GeneratorStep(step=step, robust_fraction=frac,
+                                    losses={"total": value, **{k: float(v.detach()) for k, v in parts.items()}})
         return None if should_stop() else best

@@ -1,0 +1,1 @@
+"""FERD Studio: the Streamlit dashboard (pages in ../pages), its job registry, frames and chart builders."""

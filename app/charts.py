@@ -1,0 +1,150 @@
+"""Chart builders: tidy frames (app.frames) -> plotly Figures. Pure functions, no Streamlit.
+
+Every chart colours class c the same way (`class_colors`), so a class can be followed across charts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative, sample_colorscale
+from plotly.subplots import make_subplots
+
+from app.frames import ROBUST_BAND, TEACHER_ACC_FLOOR
+from ferd.metrics import row_normalise
+
+LAYOUT = {"template": "plotly_white", "margin": {"l": 50, "r": 20, "t": 50, "b": 40}, "hovermode": "closest"}
+
+
+def class_colors(num_classes: int) -> list[str]:
+    """One colour per class: a qualitative palette up to 10 classes, evenly sampled from Turbo beyond."""
+    if num_classes <= len(qualitative.D3):
+        return list(qualitative.D3[:num_classes])
+    return sample_colorscale("Turbo", list(np.linspace(0.0, 1.0, num_classes)))
+
+
+def _names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    return list(class_names) if class_names else [str(c) for c in range(num_classes)]
+
+
+def _num_classes(frame: pd.DataFrame, class_names: Sequence[str] | None) -> int:
+    n = int(frame["class"].max()) + 1 if not frame.empty else 0
+    return max(n, len(class_names or ()))
+
+
+def _empty(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    fig.update_layout(title=title, xaxis_visible=False, yaxis_visible=False, **LAYOUT)
+    return fig
+
+
+def weights_chart(frame: pd.DataFrame, class_names: Sequence[str] | None = None) -> go.Figure:
+    """Class-weight trajectories: sampling proportion pi_c per epoch, one line per class (hover: score r_c)."""
+    title = "Class proportions π (robustness-guided reweighting)"
+    if frame.empty:
+        return _empty(title, "No class weights yet")
+    n = _num_classes(frame, class_names)
+    names, colors = _names(class_names, n), class_colors(n)
+    fig = go.Figure()
+    for c, group in frame.sort_values("epoch").groupby("class"):
+        fig.add_trace(go.Scatter(x=group["epoch"], y=group["weight"], mode="lines+markers", name=names[c],
+                                 line={"color": colors[c]}, customdata=group["score"],
+                                 hovertemplate=f"class {names[c]}<br>epoch %{{x}}<br>π=%{{y:.3f}}"
+                                               "<br>r=%{customdata:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="π_c", legend_title="class", **LAYOUT)
+    return fig
+
+
+def targets_heatmap(counts: np.ndarray | None, class_names: Sequence[str] | None = None, *,
+                    title: str = "Attack targets") -> go.Figure:
+    """Row-normalised (true class -> adversarial prediction) counts; hover shows the raw counts."""
+    if counts is None:
+        return _empty(title, "No attack targets for this epoch")
+    counts = np.asarray(counts)
+    names = _names(class_names, counts.shape[0])
+    share = row_normalise(counts)
+    fig = go.Figure(go.Heatmap(
+        z=share, x=names, y=names, customdata=counts, colorscale="Blues", zmin=0, zmax=1,
+        colorbar={"title": "share of row"},
+        hovertemplate="true %{y} → predicted %{x}<br>share %{z:.2f}<br>count %{customdata}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="predicted class (adversarial)", yaxis_title="true class", **LAYOUT)
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category")
+    return fig
+
+
+def accuracy_chart(frame: pd.DataFrame, attack: str, class_names: Sequence[str] | None = None, *,
+                   ceiling: float | None = None, ceiling_label: str = "real-data ceiling") -> go.Figure:
+    """Per-class accuracy under `attack` over the evaluation epochs, the class mean dashed, optional ceiling line."""
+    title = f"Per-class accuracy under {attack}"
+    sub = frame[frame["attack"] == attack].sort_values("epoch") if not frame.empty else frame
+    if sub.empty:
+        return _empty(title, f"No {attack} evaluation yet")
+    n = _num_classes(sub, class_names)
+    names, colors = _names(class_names, n), class_colors(n)
+    fig = go.Figure()
+    for c, group in sub.groupby("class"):
+        fig.add_trace(go.Scatter(x=group["epoch"], y=group["accuracy"], mode="lines+markers", name=names[c],
+                                 line={"color": colors[c]}, customdata=np.stack([group["correct"], group["total"]], -1),
+                                 hovertemplate=f"class {names[c]}<br>epoch %{{x}}<br>acc %{{y:.1%}}"
+                                               "<br>%{customdata[0]}/%{customdata[1]}<extra></extra>"))
+    mean = sub.groupby("epoch")["accuracy"].mean()
+    fig.add_trace(go.Scatter(x=mean.index, y=mean.values, mode="lines", name="mean",
+                             line={"color": "black", "dash": "dash", "width": 3}))
+    if ceiling is not None:
+        fig.add_hline(y=ceiling, line_dash="dot", line_color="grey", annotation_text=f"{ceiling_label} {ceiling:.1%}")
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="accuracy", yaxis_range=[0, 1],
+                      legend_title="class", **LAYOUT)
+    return fig
+
+
+def losses_chart(frame: pd.DataFrame) -> go.Figure:
+    """Generator and student losses per reported step (x = epoch + step fraction), one panel per phase."""
+    title = "Losses"
+    if frame.empty:
+        return _empty(title, "No losses yet")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("generator", "student"))
+    palette = qualitative.Set2
+    for col, phase in enumerate(("generator", "student"), start=1):
+        sub = frame[frame["phase"] == phase]
+        if sub.empty:
+            continue
+        max_step = sub.groupby("epoch")["step"].transform("max").clip(lower=1)
+        x = sub["epoch"] - 1 + sub["step"] / max_step
+        for i, name in enumerate(sorted(sub["name"].unique())):
+            mask = sub["name"] == name
+            fig.add_trace(go.Scatter(x=x[mask], y=sub.loc[mask, "value"], mode="lines", name=f"{phase}: {name}",
+                                     line={"color": palette[i % len(palette)]}, legendgroup=phase),
+                          row=1, col=col)
+    fig.update_layout(title=title, **LAYOUT)
+    fig.update_xaxes(title_text="epoch")
+    return fig
+
+
+def synthesis_chart(frame: pd.DataFrame) -> go.Figure:
+    """Synthesis diagnostics: teacher accuracy / confidence on x* (90 % guide line) and the robust-mask
+    fraction with warning bands near 0 and 1."""
+    title = "Synthesis diagnostics"
+    if frame.empty:
+        return _empty(title, "No synthetic samples yet")
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=("teacher on synthetic batch x*", "robust-feature fraction"))
+    fig.add_trace(go.Scatter(x=frame["epoch"], y=frame["teacher_acc"], mode="lines+markers", name="teacher accuracy"),
+                  row=1, col=1)
+    fig.add_trace(go.Scatter(x=frame["epoch"], y=frame["teacher_conf"], mode="lines+markers",
+                             name="teacher confidence"), row=1, col=1)
+    fig.add_hline(y=TEACHER_ACC_FLOOR, line_dash="dot", line_color="firebrick", row=1, col=1,
+                  annotation_text=f"{TEACHER_ACC_FLOOR:.0%}")
+    fig.add_trace(go.Scatter(x=frame["epoch"], y=frame["robust_fraction"], mode="lines+markers",
+                             name="robust fraction"), row=2, col=1)
+    for low, high in ((0.0, ROBUST_BAND), (1.0 - ROBUST_BAND, 1.0)):
+        fig.add_hrect(y0=low, y1=high, fillcolor="firebrick", opacity=0.15, line_width=0, row=2, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(range=[0, 1], row=2, col=1)
+    fig.update_xaxes(title_text="epoch", row=2, col=1)
+    fig.update_layout(title=title, **LAYOUT)
+    return fig

@@ -1,0 +1,155 @@
+"""Event lists -> tidy pandas frames (pure: no Streamlit, no engine objects).
+
+Every page turns the events of a run (from the job registry or the store) into these frames and
+hands them to the chart builders in app.charts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from ferd import events as ev
+from ferd.metrics import class_metrics
+
+WEIGHT_COLUMNS = ["epoch", "class", "weight", "score"]
+ACCURACY_COLUMNS = ["epoch", "attack", "class", "accuracy", "correct", "total"]
+LOSS_COLUMNS = ["epoch", "step", "phase", "name", "value"]
+SYNTHESIS_COLUMNS = ["epoch", "teacher_acc", "teacher_conf", "robust_fraction"]
+
+
+def _of(events: Sequence[ev.Event], kind: type[ev.Event]) -> list:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def class_names(events: Sequence[ev.Event]) -> list[str]:
+    """Class names from the (last) RunStarted event; [] before it arrives."""
+    started = _of(events, ev.RunStarted)
+    return list(started[-1].class_names) if started else []
+
+
+def weights_frame(events: Sequence[ev.Event]) -> pd.DataFrame:
+    """One row per (epoch, class): sampling proportion pi and robustness score r."""
+    rows = [{"epoch": e.epoch, "class": c, "weight": float(w), "score": float(s)}
+            for e in _of(events, ev.ClassWeightsUpdated)
+            for c, (w, s) in enumerate(zip(e.weights, e.scores, strict=True))]
+    return pd.DataFrame(rows, columns=WEIGHT_COLUMNS)
+
+
+def target_epochs(events: Sequence[ev.Event], source: str) -> list[int]:
+    """Epochs that have an AttackTargets event from `source` (train or eval), ascending."""
+    return sorted({e.epoch for e in _of(events, ev.AttackTargets) if e.source == source})
+
+
+def targets_matrix(events: Sequence[ev.Event], epoch: int, source: str) -> np.ndarray | None:
+    """The (C, C) attack-target counts of `epoch` and `source` (the last such event), None if absent."""
+    hits = [e for e in _of(events, ev.AttackTargets) if e.source == source and e.epoch == epoch]
+    return np.asarray(hits[-1].counts) if hits else None
+
+
+def accuracy_frame(events: Sequence[ev.Event]) -> pd.DataFrame:
+    """One row per (evaluation epoch, attack, class); subset totals (AutoAttack) where given."""
+    rows = []
+    for e in _of(events, ev.Evaluated):
+        for attack, correct in e.correct.items():
+            totals = e.subset_totals.get(attack, e.totals)
+            for c, (k, n) in enumerate(zip(correct, totals, strict=True)):
+                rows.append({"epoch": e.epoch, "attack": attack, "class": c, "accuracy": float(k) / n if n else np.nan,
+                             "correct": int(k), "total": int(n)})
+    return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+
+
+def losses_frame(events: Sequence[ev.Event]) -> pd.DataFrame:
+    """One row per reported loss: phase `generator` or `student`."""
+    rows = []
+    for e in events:
+        if isinstance(e, ev.GeneratorProgress | ev.StudentProgress):
+            phase = "generator" if isinstance(e, ev.GeneratorProgress) else "student"
+            rows.extend({"epoch": e.epoch, "step": e.step, "phase": phase, "name": k, "value": float(v)}
+                        for k, v in e.losses.items())
+    return pd.DataFrame(rows, columns=LOSS_COLUMNS)
+
+
+def synthesis_frame(events: Sequence[ev.Event]) -> pd.DataFrame:
+    """Per epoch: teacher accuracy and confidence on the kept synthetic batch, robust-mask fraction."""
+    rows = [{"epoch": e.epoch, "teacher_acc": e.teacher_acc, "teacher_conf": e.teacher_conf,
+             "robust_fraction": e.robust_fraction} for e in _of(events, ev.SamplesSynthesised)]
+    return pd.DataFrame(rows, columns=SYNTHESIS_COLUMNS)
+
+
+def progress(events: Sequence[ev.Event]) -> tuple[int, int, float | None]:
+    """(epochs finished, total epochs, ETA in seconds from the mean epoch wall time; None if unknown or done)."""
+    total = 0
+    for e in events:
+        if isinstance(e, ev.EpochStarted):
+            total = e.total_epochs
+        elif isinstance(e, ev.RunStarted) and not total:
+            total = int(e.config.get("epochs", 0))
+    started = _of(events, ev.RunStarted)
+    first_epoch = started[-1].resumed_from if started else 0
+    finished = _of(events, ev.EpochFinished)
+    if started:
+        # wall_s restarts with a resumed run: time only the epochs after the last RunStarted.
+        last_start = max(i for i, e in enumerate(events) if isinstance(e, ev.RunStarted))
+        finished_here = [e for e in events[last_start:] if isinstance(e, ev.EpochFinished)]
+    else:
+        finished_here = finished
+    epoch = finished[-1].epoch if finished else 0
+    done = any(e.kind in ev.TERMINAL for e in events)
+    if done or not finished_here or epoch >= total:
+        return epoch, total, None
+    per_epoch = finished_here[-1].wall_s / max(finished_here[-1].epoch - first_epoch, 1)
+    return epoch, total, per_epoch * (total - epoch)
+
+
+def warnings(events: Sequence[ev.Event]) -> list[str]:
+    """Messages of the run's RunWarning events, in order."""
+    return [e.message for e in _of(events, ev.RunWarning)]
+
+
+def terminal(events: Sequence[ev.Event]) -> ev.Event | None:
+    """The RunFinished / RunStopped / RunFailed event that ended the run, if any (the last one)."""
+    ends = [e for e in events if e.kind in ev.TERMINAL]
+    return ends[-1] if ends else None
+
+
+def headline(events: Sequence[ev.Event]) -> dict[str, float]:
+    """{attack}_mean for every attack plus pgd20_worst and pgd20_nsd, from the last Evaluated event ({} before)."""
+    evals = _of(events, ev.Evaluated)
+    if not evals:
+        return {}
+    e = evals[-1]
+    out: dict[str, float] = {}
+    for attack, correct in e.correct.items():
+        m = class_metrics(correct, e.subset_totals.get(attack, e.totals))
+        out[f"{attack}_mean"] = m.mean
+        if attack == "pgd20":
+            out["pgd20_worst"] = m.worst
+            out["pgd20_nsd"] = m.nsd
+    return out
+
+
+ROBUST_BAND = 0.02
+"""A robust-mask fraction within this distance of 0 or 1 means the feature split degenerated."""
+TEACHER_ACC_FLOOR = 0.9
+"""Below this teacher accuracy on x* the synthetic samples no longer look like their sampled class."""
+
+
+def synthesis_warnings(events: Sequence[ev.Event]) -> list[str]:
+    """Warnings about the latest synthesised batch: a degenerate feature split or an unconvinced teacher."""
+    frame = synthesis_frame(events)
+    if frame.empty:
+        return []
+    last = frame.iloc[-1]
+    out = []
+    rf = float(last["robust_fraction"])
+    if rf == rf and (rf < ROBUST_BAND or rf > 1 - ROBUST_BAND):
+        out.append(f"Epoch {int(last['epoch'])}: robust-feature fraction is {rf:.3f}; the feature split marks "
+                   "almost nothing or almost everything robust, so the uniformity loss has little to act on.")
+    acc = float(last["teacher_acc"])
+    if acc == acc and acc < TEACHER_ACC_FLOOR:
+        out.append(f"Epoch {int(last['epoch'])}: the teacher classifies only {acc:.0%} of the synthetic batch as its "
+                   f"sampled class (below {TEACHER_ACC_FLOOR:.0%}); the samples may not carry class information.")
+    return out

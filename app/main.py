@@ -1,0 +1,34 @@
+"""FERD Studio entry point: `streamlit run app/main.py` from the repository root.
+
+Navigation over the pages in ../pages (a page whose file is missing is skipped) and the job queue
+in the sidebar.
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/, not the repository root, on sys.path
+    sys.path.insert(0, str(ROOT))
+
+import streamlit as st  # noqa: E402
+
+from app.state import get_registry  # noqa: E402
+from app.widgets import job_queue  # noqa: E402
+
+PAGES = (
+    ("1_Live.py", "Live run", ":material/monitoring:"),
+    ("2_Compare.py", "Compare", ":material/compare_arrows:"),
+    ("3_Samples.py", "Samples", ":material/photo_library:"),
+    ("4_Ablation.py", "Ablation", ":material/tune:"),
+    ("5_Learn.py", "Learn", ":material/school:"),
+    ("6_Runs.py", "Runs", ":material/history:"),
+)
+
+st.set_page_config(page_title="FERD Studio", layout="wide")
+pages = [st.Page(ROOT / "pages" / file, title=title, icon=icon, default=i == 0)
+         for i, (file, title, icon) in enumerate(PAGES) if (ROOT / "pages" / file).is_file()]
+navigation = st.navigation(pages)
+with st.sidebar:
+    st.fragment(job_queue, run_every=2.0)(get_registry())
+navigation.run()

@@ -1,0 +1,64 @@
+"""Process-wide resources of the dashboard: the run store and the job registry (one each per process).
+
+Set FERD_HOME to choose the store root. FERD_FAKE_ENGINE selects the fake engine of tests/fakes.py
+instead of the real one (for AppTest and UI work without training): `1` = instant, a number of seconds
+= that delay before every event (e.g. `0.05` to watch a run progress).
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from app.frames import headline
+from app.jobs import JobRegistry, RunFn
+from ferd import events as ev
+from ferd.store import RunStore
+
+FAKE_ENGINE_ENV = "FERD_FAKE_ENGINE"
+
+
+def _engine_override() -> RunFn | None:
+    value = os.environ.get(FAKE_ENGINE_ENV, "")
+    if not value:
+        return None
+    from tests.fakes import fake_run, slow_fake_run
+
+    delay = float(value)
+    return fake_run if value == "1" else slow_fake_run(delay)
+
+
+@st.cache_resource
+def get_store() -> RunStore:
+    """The run store under $FERD_HOME (or the user data dir)."""
+    return RunStore()
+
+
+@st.cache_resource
+def get_registry() -> JobRegistry:
+    """The job registry; creating it marks runs left queued/running by an earlier server as interrupted."""
+    store = get_store()
+    registry = JobRegistry(store, run_fn=_engine_override())
+    store.mark_interrupted(alive=registry.alive_ids())
+    return registry
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _stored_events(root: str, run_id: str, updated: float) -> list[ev.Event]:
+    """Decoded events of a stored run, shared (read-only) between sessions until the run changes."""
+    return [e for _, e in get_store().events(run_id)]
+
+
+def run_events(run_id: str) -> list[ev.Event]:
+    """All events of a run: from the live job while it is alive, else from the store (cached per update)."""
+    registry = get_registry()
+    if registry.is_alive(run_id):
+        return registry.events(run_id)
+    store = get_store()
+    return _stored_events(str(store.root), run_id, store.get_run(run_id).updated)
+
+
+def run_headline(run_id: str) -> dict[str, float]:
+    """Headline metrics (clean / PGD-20 mean, worst, NSD) from the run's last evaluation."""
+    return headline(run_events(run_id))

@@ -1,0 +1,116 @@
+"""Live run: configure, start / stop / resume, and watch a run's charts update while it trains."""
+
+import streamlit as st
+
+from app import charts, frames
+from app.state import get_registry, get_store, run_events
+from app.widgets import config_form, default_config, format_eta
+from ferd import events as ev
+from ferd.config import ConfigError, from_dict
+
+POLL_S = 1.0
+RUN_KEY = "live-run"
+
+registry = get_registry()
+store = get_store()
+
+st.title("Live run")
+
+with st.expander("Configure a run", expanded=True):
+    cfg = config_form(default_config(), key="live")
+    name = st.text_input("Run name (optional)", key="live-name")
+    if st.button("Start", type="primary", disabled=cfg is None, key="live-start"):
+        st.session_state[RUN_KEY] = registry.submit(cfg, name=name)
+
+runs = store.list_runs()
+if not runs:
+    st.info("No runs yet: configure one above and press Start.")
+    st.stop()
+infos = {r.run_id: r for r in runs}
+if st.session_state.get(RUN_KEY) not in infos:
+    st.session_state[RUN_KEY] = runs[0].run_id
+
+
+def _label(run_id: str) -> str:
+    info = infos[run_id]
+    return f"{info.name or run_id} · {info.method} · seed {info.seed} · {info.status}"
+
+
+pick, stop_col, resume_col = st.columns([6, 1, 1], vertical_alignment="bottom")
+run_id = pick.selectbox("Run", list(infos), format_func=_label, key=RUN_KEY)
+alive = registry.is_alive(run_id)
+if stop_col.button("Stop", disabled=not alive, key="live-stop"):
+    registry.stop(run_id)
+    st.toast("Stop requested; the run ends after its current step.")
+resumable = not alive and infos[run_id].status in ("stopped", "interrupted", "failed")
+if resume_col.button("Resume", disabled=not resumable, key="live-resume"):
+    try:
+        registry.submit(from_dict(infos[run_id].config), resume_run_id=run_id)
+    except (ConfigError, ValueError) as e:
+        st.error(f"Cannot resume {run_id}: {e}")
+
+
+def _ceiling(dataset: str) -> float | None:
+    """PGD-20 mean of the newest finished real-data run on the same dataset (the data-free ceiling)."""
+    for info in store.list_runs(status="finished"):
+        if info.method == "real-data" and info.dataset == dataset:
+            return frames.headline(run_events(info.run_id)).get("pgd20_mean")
+    return None
+
+
+@st.fragment(run_every=POLL_S)
+def live_view(run_id: str) -> None:
+    events = run_events(run_id)
+    job = registry.job(run_id)
+    if job is not None and job.status == "queued":
+        st.info(f"Queued (#{job.position}): waits for the run ahead of it on the same device.")
+    epoch, total, eta = frames.progress(events)
+    end = frames.terminal(events)
+    status = {"run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}.get(
+        end.kind if end else "", "running" if events else "starting")
+    st.progress(epoch / total if total else 0.0,
+                text=f"Epoch {epoch}/{total or '?'} · {status}" + (f" · {format_eta(eta)}" if eta else ""))
+    if isinstance(end, ev.RunFailed):
+        st.error(f"Run failed: {end.reason}")
+    elif isinstance(end, ev.RunStopped):
+        st.info(f"Run stopped: {end.reason}")
+    for message in frames.warnings(events) + frames.synthesis_warnings(events):
+        st.warning(message)
+
+    metrics = frames.headline(events)
+    if metrics:
+        cols = st.columns(4)
+        cols[0].metric("clean", f"{metrics.get('clean_mean', float('nan')):.1%}")
+        cols[1].metric("PGD-20 mean", f"{metrics.get('pgd20_mean', float('nan')):.1%}")
+        cols[2].metric("PGD-20 worst class", f"{metrics.get('pgd20_worst', float('nan')):.1%}")
+        cols[3].metric("PGD-20 NSD", f"{metrics.get('pgd20_nsd', float('nan')):.3f}")
+
+    names = frames.class_names(events) or None
+    left, right = st.columns(2)
+    left.plotly_chart(charts.weights_chart(frames.weights_frame(events), names), key="live-weights")
+    with right:
+        acc = frames.accuracy_frame(events)
+        attacks = list(dict.fromkeys(acc["attack"])) or ["pgd20"]
+        attack = st.segmented_control("Attack", attacks, default="pgd20" if "pgd20" in attacks else attacks[0],
+                                      key="live-attack") or attacks[0]
+        ceiling = _ceiling(infos[run_id].dataset) if attack == "pgd20" and infos[run_id].method != "real-data" else None
+        st.plotly_chart(charts.accuracy_chart(acc, attack, names, ceiling=ceiling), key="live-accuracy")
+
+    left, right = st.columns(2)
+    with left:
+        source = st.radio("Attack targets of", ["train", "eval"], horizontal=True, key="live-target-source",
+                          format_func={"train": "training attacks (synthetic)", "eval": "PGD-20 on the test split"}.get)
+        epochs = frames.target_epochs(events, source)
+        if epochs:
+            shown = st.select_slider("Epoch", epochs, value=epochs[-1], key=f"live-target-epoch-{source}") \
+                if len(epochs) > 1 else epochs[0]
+            st.plotly_chart(charts.targets_heatmap(frames.targets_matrix(events, shown, source), names,
+                                                   title=f"Attack targets, epoch {shown} ({source})"),
+                            key="live-targets")
+        else:
+            st.caption("No attack targets yet.")
+    right.plotly_chart(charts.synthesis_chart(frames.synthesis_frame(events)), key="live-synthesis")
+    st.plotly_chart(charts.losses_chart(frames.losses_frame(events)), key="live-losses")
+
+
+live_view(run_id)

@@ -1,0 +1,111 @@
+"""Samples: the synthesised images by class and epoch, and a 2-D map of their teacher features.
+
+Nothing here polls: the gallery and the interactive map stay outside any fragment (media references are
+not released on fragment reruns, and a rerun every few seconds would reset the lasso selection).
+"""
+
+import numpy as np
+import streamlit as st
+
+from app.analysis import USABLE, default_selection
+from app.embedding import PCA, UmapService, collect_samples, embedding_figure, upscale_nearest
+from app.frames import class_names
+from app.state import get_store, run_events
+
+
+@st.cache_resource(show_spinner=False)
+def umap_service() -> UmapService:
+    """One UMAP service per process, warming up in the background from its first use."""
+    service = UmapService()
+    service.warm_up()
+    return service
+
+
+st.title("Synthesised samples")
+store = get_store()
+runs = [r for r in store.list_runs() if r.status in USABLE and r.method in ("ferd", "dfrd")]
+if not runs:
+    st.info("No synthesised samples yet. Start a **FERD** run (and a **DFRD** run to contrast) on the "
+            "**Live run** page; samples appear after the first epoch.")
+    st.stop()
+
+by_id = {r.run_id: r for r in runs}
+chosen = st.multiselect("Runs", list(by_id), default=default_selection(runs),
+                        format_func=lambda i: f"{by_id[i].name or by_id[i].method} · {by_id[i].method} · "
+                                              f"seed {by_id[i].seed} · {i}")
+if not chosen:
+    st.info("Pick at least one run.")
+    st.stop()
+if st.button("Refresh", icon=":material/refresh:", help="Load samples from epochs finished since"):
+    st.rerun()
+
+events = {i: run_events(i) for i in chosen}
+try:
+    samples = collect_samples([(i, by_id[i].method, events[i]) for i in chosen])
+except ValueError as e:
+    st.error(str(e))
+    st.stop()
+if samples.table.empty:
+    st.info("The chosen runs have no synthesised samples yet (the real-data method synthesises none).")
+    st.stop()
+
+names = next((class_names(events[i]) for i in chosen if class_names(events[i])), [])
+epochs = sorted(samples.table["epoch"].unique().tolist())
+epoch = (st.select_slider("Epoch", options=epochs, value=epochs[-1]) if len(epochs) > 1 else epochs[0])
+all_classes = sorted(samples.table["cls"].unique().tolist())
+shown_classes = st.multiselect("Classes", all_classes, default=all_classes,
+                               format_func=lambda c: names[c] if c < len(names) else str(c))
+
+
+def _class_name(c: int) -> str:
+    return names[c] if c < len(names) else str(c)
+
+
+def _gallery(rows) -> None:
+    if rows.empty:
+        st.caption("No samples.")
+        return
+    st.image(list(upscale_nearest(samples.images[rows["id"].to_numpy()])),
+             caption=[f"{_class_name(c)} → {_class_name(p)}" for c, p in zip(rows["cls"], rows["pred"], strict=True)],
+             width=64)
+
+
+st.subheader(f"Gallery, epoch {epoch}")
+st.caption("Caption: sampled class → teacher's prediction. Thumbnails upscaled with nearest-neighbour.")
+columns = st.columns(len(chosen))
+for col, run_id in zip(columns, chosen, strict=True):
+    with col:
+        st.markdown(f"**{by_id[run_id].method.upper()}** · seed {by_id[run_id].seed}")
+        t = samples.table
+        _gallery(t[(t.run_id == run_id) & (t.epoch == epoch) & t.cls.isin(shown_classes)].sort_values("cls"))
+
+st.subheader("Teacher features, 2-D map")
+# Later epochs of a live run append to the map only while every chosen run has reached them.
+last_common = min(int(samples.table.loc[samples.table.run_id == i, "epoch"].max()) for i in chosen
+                  if (samples.table.run_id == i).any())
+upto = min(epoch, last_common)
+sub = samples.table[samples.table.epoch <= upto]
+service = umap_service()
+coords, method = service.embed(samples.features[sub["id"].to_numpy()], key=tuple(chosen))
+if method == PCA:
+    st.caption(f"PCA of the samples of epochs ≤ {upto}. " + (service.error or "UMAP is warming up; "
+               "press Refresh in a moment for the UMAP map."))
+else:
+    st.caption(f"UMAP of the samples of epochs ≤ {upto}; later samples are projected into the fitted map.")
+visible = sub["cls"].isin(shown_classes).to_numpy()
+fig = embedding_figure(coords[visible], sub["cls"].to_numpy()[visible], sub["method"].to_numpy()[visible],
+                       sub["id"].to_numpy()[visible], class_names=names or None)
+state = st.plotly_chart(fig, on_select="rerun", selection_mode=("points", "lasso", "box"), key="samples-map")
+
+points = state.selection.points if state and state.selection else []
+picked = []
+for p in points:
+    v = p.get("customdata")
+    v = v[0] if isinstance(v, list) else v
+    if v is not None:
+        picked.append(int(v))
+if picked:
+    st.subheader(f"Selected samples ({len(picked)})")
+    _gallery(samples.table.iloc[np.asarray(picked[:200])])
+else:
+    st.caption("Lasso or box-select points on the map to see their images here.")

@@ -1,0 +1,86 @@
+"""Runs: the history of every stored run, its config, downloads (metrics, export zip, student, charts) and delete."""
+
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from app import charts, frames
+from app.state import get_registry, get_store, run_events
+from ferd.store import RunNotFound, StoreError
+
+registry = get_registry()
+store = get_store()
+
+st.title("Runs")
+runs = store.list_runs()
+if not runs:
+    st.info("No stored runs yet. Start one on the Live page.")
+    st.stop()
+
+rows = []
+for info in runs:
+    h = frames.headline(run_events(info.run_id))
+    rows.append({"run": info.run_id, "name": info.name, "status": info.status, "method": info.method,
+                 "dataset": info.dataset, "seed": info.seed,
+                 "created": datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M"),
+                 "clean": h.get("clean_mean"), "PGD-20 mean": h.get("pgd20_mean"),
+                 "PGD-20 worst": h.get("pgd20_worst"), "NSD": h.get("pgd20_nsd")})
+percent = st.column_config.NumberColumn(format="percent")
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+             column_config={"clean": percent, "PGD-20 mean": percent, "PGD-20 worst": percent,
+                            "NSD": st.column_config.NumberColumn(format="%.3f")})
+
+infos = {r.run_id: r for r in runs}
+run_id = st.selectbox("Run", list(infos), key="runs-pick",
+                      format_func=lambda i: f"{infos[i].name or i} · {infos[i].method} · {infos[i].status}")
+info = infos[run_id]
+events = run_events(run_id)
+
+config_col, files_col = st.columns([3, 2])
+with config_col:
+    st.subheader("Config")
+    st.json(info.config, expanded=False)
+with files_col:
+    st.subheader("Downloads")
+    st.download_button("Metrics (CSV)", store.metrics_csv(run_id), file_name=f"{run_id}-metrics.csv",
+                       mime="text/csv", key="runs-csv")
+    names = frames.class_names(events) or None
+    figures = [charts.weights_chart(frames.weights_frame(events), names),
+               charts.accuracy_chart(frames.accuracy_frame(events), "pgd20", names),
+               charts.synthesis_chart(frames.synthesis_frame(events)),
+               charts.losses_chart(frames.losses_frame(events))]
+    html = "".join(fig.to_html(full_html=False, include_plotlyjs="cdn" if i == 0 else False)
+                   for i, fig in enumerate(figures))
+    st.download_button("Charts (HTML)", f"<html><body>{html}</body></html>", file_name=f"{run_id}-charts.html",
+                       mime="text/html", key="runs-html")
+    if st.button("Prepare export (zip)", key="runs-export"):
+        with tempfile.TemporaryDirectory() as tmp:
+            st.session_state["runs-export-zip"] = (run_id, store.export_run(run_id, tmp).read_bytes())
+    ready = st.session_state.get("runs-export-zip")
+    if ready and ready[0] == run_id:
+        st.download_button("Download export (zip)", ready[1], file_name=f"{run_id}.zip",
+                           mime="application/zip", key="runs-zip")
+    student = Path(info.run_dir) / "student.pt"
+    if student.is_file():
+        st.download_button("Student checkpoint", student.read_bytes(), file_name=f"{run_id}-student.pt",
+                           mime="application/octet-stream", key="runs-student")
+    else:
+        st.caption("No student checkpoint saved for this run.")
+
+st.subheader("Delete")
+confirm = st.checkbox(f"Yes, delete run {run_id} and all its files", key=f"runs-confirm-{run_id}")
+if st.button("Delete run", disabled=not confirm, key="runs-delete"):
+    if registry.is_alive(run_id):
+        st.error(f"Run {run_id} is queued or running; stop it on the Live page before deleting it.")
+    else:
+        try:
+            store.delete_run(run_id)
+        except (StoreError, RunNotFound) as e:
+            st.error(f"Cannot delete {run_id}: {e}")
+        else:
+            st.session_state.pop("runs-export-zip", None)
+            st.toast(f"Deleted {run_id}.")
+            st.rerun()

@@ -1,0 +1,95 @@
+"""The CLI on tiny configs: compare / ablate write results.json with the documented structure."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+import ferd
+from ferd.cli import main, parse_overrides
+from ferd.config import ConfigError
+from ferd.data import test_split
+
+from .conftest import TINY_TEACHER_EPOCHS
+
+TINY = ["--preset", "smoke", "--set", f"teacher_epochs={TINY_TEACHER_EPOCHS}", "epochs=2", "num_threads=1"]
+ATTACK_KEYS = {"per_class", "counts", "totals", "mean", "worst", "nsd"}
+
+
+def test_overrides_are_toml_literals():
+    assert parse_overrides(["w_uni=2", "reweight=false", "mask_rule=batch-max", 'eval_attacks=["clean"]']) == {
+        "w_uni": 2, "reweight": False, "mask_rule": "batch-max", "eval_attacks": ["clean"]}
+    with pytest.raises(ConfigError):
+        parse_overrides(["w_uni"])
+
+
+def test_bad_input_is_a_clear_error_not_a_traceback(capsys, tmp_path):
+    assert main(["--store", str(tmp_path), "run", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["--store", str(tmp_path), "run", "--set", "c_min=0.5", "c_max=0.1"]) == 2
+    assert "c_min" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_writes_results_with_every_method_and_attack(tmp_path, capsys):
+    out = tmp_path / "out"
+    every_attack = 'final_attacks=["clean","fgsm","pgd20","cw","aa"]'
+    rc = main(["-q", "--store", str(tmp_path / "store"), "compare", *TINY, every_attack, "aa_subset=20",
+               "--seeds", "0", "--methods", "ferd", "dfrd", "real-data", "--out", str(out)])
+    assert rc == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["ferd", "dfrd", "real-data"]
+    for r in runs:
+        assert r["seed"] == 0 and r["wall_s"] > 0 and r["eps"] == pytest.approx(0.1)
+        assert set(r["eval"]) == {"clean", "fgsm", "pgd20", "cw", "aa"}
+        for m in r["eval"].values():
+            assert ATTACK_KEYS <= set(m)
+            assert all(0.0 <= a <= 1.0 for a in m["per_class"])
+            assert m["worst"] == pytest.approx(min(m["per_class"]))
+        assert sum(r["eval"]["aa"]["totals"]) == 20  # the stated AutoAttack subset
+        assert sum(r["eval"]["clean"]["totals"]) == 540
+        # The student file loads and reproduces the stored clean accuracy on exactly the evaluated tensors.
+        model = ferd.load_student(r["student"])
+        x, y = test_split("digits")
+        with torch.no_grad():
+            acc = (model(x).argmax(1) == y).float()
+        per_class = [float(acc[y == c].mean()) for c in range(10)]
+        assert per_class == pytest.approx(r["eval"]["clean"]["per_class"])
+    ferd_run, dfrd_run, real = runs
+    # Synthesis diagnostics for the data-free runs, with the gap to the real-data ceiling.
+    for r in (ferd_run, dfrd_run):
+        syn = r["synthesis"]
+        assert 0.0 <= syn["teacher_acc"] <= 1.0 and 0.0 <= syn["robust_fraction"] <= 1.0
+        assert len(syn["class_acc"]) == 10 and sum(syn["memory_share"]) == pytest.approx(1.0)
+        assert syn["ceiling_run"] == real["run_id"]
+        assert syn["pgd20_gap_to_ceiling"] == pytest.approx(real["eval"]["pgd20"]["mean"] - r["eval"]["pgd20"]["mean"])
+    assert real["synthesis"] == {}
+    assert "| pgd20 | ferd" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_ablate_writes_a_table_per_value(tmp_path):
+    out = tmp_path / "abl"
+    rc = main(["-q", "--store", str(tmp_path / "store"), "ablate", *TINY, "--param", "w_uni", "--values", "0", "2",
+               "--seeds", "0", "1", "--out", str(out)])
+    assert rc == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted((r["config"]["w_uni"], r["seed"]) for r in runs) == [(0.0, 0), (0.0, 1), (2.0, 0), (2.0, 1)]
+    table = pd.read_csv(out / "ablation.csv")
+    assert list(table["value"]) == [0.0, 2.0] and list(table["n"]) == [2, 2]
+    for col in ("clean_mean", "pgd20_mean", "pgd20_worst", "pgd20_nsd"):
+        assert table[col].between(0, 5).all()
+
+
+def test_ablate_rejects_a_non_numeric_field(tmp_path, capsys):
+    rc = main(["--store", str(tmp_path), "ablate", "--param", "mask_rule", "--values", "1", "--out", str(tmp_path)])
+    assert rc == 2 and "not a numeric config field" in capsys.readouterr().err
+
+
+def test_the_library_never_imports_streamlit():
+    code = ("import sys, ferd, ferd.cli, ferd.engine, ferd.experiments, ferd.bench, ferd.runner, ferd.store; "
+            "sys.exit('streamlit' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

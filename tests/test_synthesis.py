@@ -1,0 +1,137 @@
+"""Synthesis building blocks: mask rules on a hand-built case, the IB split, generator reset, losses."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ferd.augment import augment
+from ferd.config import load_preset
+from ferd.feature_split import robust_mask, spatial_variance, split_features, uniformity_loss
+from ferd.models import Generator
+from ferd.synthesis import BNStatLoss, Synthesizer, kl_div
+
+
+def test_mask_rules_on_known_variances():
+    # 2 samples x 3 channels: v = spatial variances, s2 = learned noise variances.
+    v = torch.tensor([[1.0, 4.0, 0.5], [2.0, 0.25, 3.0]]).view(2, 3, 1, 1)
+    s2 = torch.tensor([[2.0, 1.0, 0.6], [1.0, 0.5, 5.0]]).view(2, 3, 1, 1)
+    per_channel = robust_mask(s2, v, "per-channel").view(2, 3)
+    assert per_channel.tolist() == [[1, 0, 1], [0, 1, 1]]
+    # batch-max: one threshold, max v = 4.0, so only s2 = 5.0 counts as robust.
+    batch_max = robust_mask(s2, v, "batch-max").view(2, 3)
+    assert batch_max.tolist() == [[0, 0, 0], [0, 0, 1]]
+    with pytest.raises(ValueError):
+        robust_mask(s2, v, "nope")
+
+
+def test_spatial_variance_is_the_population_variance_per_channel():
+    h = torch.tensor([[1.0, 3.0], [1.0, 3.0]]).view(1, 1, 2, 2)  # values 1,3,1,3 -> mean 2, variance 1
+    assert spatial_variance(h).item() == pytest.approx(1.0)
+    assert spatial_variance(torch.ones(1, 1, 2, 2)).item() > 0  # floored, so the KL stays finite
+
+
+def test_split_keeps_noise_small_only_where_the_head_needs_the_signal():
+    # A head that reads channel 0 only. On channels 1..3 the CE term has no gradient, so the KL prior pulls
+    # sigma^2 exactly to the channel's own variance v; on channel 0 the label signal is weak, so the CE term
+    # holds sigma^2 well below v and the per-channel rule marks it non-robust.
+    torch.manual_seed(0)
+    b, k = 64, 4
+    y = torch.randint(0, 2, (b,))
+    h = torch.randn(b, k, 4, 4)
+    h[:, 0] += (2 * y - 1).float().view(b, 1, 1) * 0.5
+
+    def head(f):
+        pooled = f.mean(dim=(2, 3))
+        return torch.stack([-pooled[:, 0], pooled[:, 0]], dim=1) * 5.0
+
+    split = split_features(head, h, y, steps=200, lr=0.1, beta=0.3, rule="per-channel")
+    ratio = (split.sigma2 / split.variance).view(b, k).median(dim=0).values
+    assert ratio[0] < 0.7, ratio
+    assert torch.allclose(ratio[1:], torch.ones(3), atol=0.05), ratio
+    assert split.mask.view(b, k)[:, 0].mean() < 0.15
+
+
+def test_uniformity_loss_is_kl_from_uniform():
+    assert uniformity_loss(torch.zeros(3, 5)).item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (3/4, 1/4): KL(U||p) = 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert uniformity_loss(logits).item() == pytest.approx(expected, rel=1e-5)
+    assert kl_div(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_augment_keeps_shape_and_gradients():
+    x = torch.rand(8, 1, 16, 16, requires_grad=True)
+    out = augment(x, flip=True)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+class TinyTeacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 10)
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def features(self, x):
+        return self.body(x)
+
+    def head(self, h):
+        return self.fc(torch.relu(h).mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _first_forward_snapshots(gen: nn.Module):
+    snaps = []
+
+    def hook(module, _inp):
+        snaps.append(next(module.parameters()).detach().clone())
+
+    return snaps, gen.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("reset", ["never", "epoch"])
+def test_generator_reset(reset):
+    torch.manual_seed(0)
+    cfg = load_preset("smoke", generator_reset=reset, generator_steps=3, batch_size=8, split_steps=3)
+    teacher = TinyTeacher()
+    student = TinyTeacher()
+    synth = Synthesizer(cfg, teacher, Generator(cfg.latent_dim, 1, 16), num_classes=10, flip=False,
+                        device=torch.device("cpu"))
+    weights = torch.full((10,), 0.1)
+    snaps, handle = _first_forward_snapshots(synth.generator)
+    list(synth.synthesise(weights, student))
+    after_first = next(synth.generator.parameters()).detach().clone()
+    list(synth.synthesise(weights, student))
+    handle.remove()
+    start_of_second = snaps[cfg.generator_steps]
+    assert not torch.equal(snaps[0], after_first)  # it trained
+    if reset == "never":
+        assert torch.equal(start_of_second, after_first)  # picks up where it left off
+    else:
+        assert not torch.equal(start_of_second, after_first)  # re-initialised
+        assert start_of_second.std().item() == pytest.approx(0.02, rel=0.3)  # DCGAN N(0, 0.02)
+
+
+def test_bn_stat_loss_is_zero_on_matching_statistics():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(256, 3, 4, 4) * 2 + 1
+    bn.running_mean = x.mean(dim=(0, 2, 3))
+    bn.running_var = x.var(dim=(0, 2, 3), unbiased=False)
+    model = nn.Sequential(bn).eval()
+    loss = BNStatLoss(model)
+    with loss.collect() as terms:
+        model(x)
+    assert len(terms) == 1 and terms[0].item() == pytest.approx(0.0, abs=1e-4)
+    with loss.collect() as terms:
+        model(x + 1.0)
+    assert terms[0].item() == pytest.approx(math.sqrt(3.0), rel=1e-3)  # mean shifted by 1 in 3 channels
+    loss.close()

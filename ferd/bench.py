@@ -20,7 +20,7 @@ from ferd.data import dataset_info
 from ferd.device import resolve_device, set_threads
 from ferd.engine import run
 from ferd.events import EpochFinished, RunFailed
-from ferd.feature_split import split_features
+from ferd.feature_split import split_features, split_teacher_features
 from ferd.teachers import load_teacher
 
 
@@ -29,8 +29,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def time_split(cfg: Config, repeats: int = 5) -> float:
-    """Seconds for one feature split (cfg.split_steps Adam steps) on a synthesis-sized batch of teacher features."""
+def time_split(cfg: Config, repeats: int = 5) -> tuple[float, float]:
+    """Seconds for one feature split (cfg.split_steps steps) on a synthesis-sized batch of teacher features:
+    (the path the engine uses, the straightforward autograd + torch.optim.Adam reference)."""
     device = resolve_device(cfg.device)
     teacher, _ = load_teacher(cfg, device)
     info = dataset_info(cfg.dataset)
@@ -38,15 +39,17 @@ def time_split(cfg: Config, repeats: int = 5) -> float:
     y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
     with torch.no_grad():
         h = teacher.features(x)
-    split_features(teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
-                   rule=cfg.mask_rule)  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        split_features(teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
-                       rule=cfg.mask_rule)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
+    kw = dict(steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta, rule=cfg.mask_rule)
+    out = []
+    for fn in (lambda: split_teacher_features(teacher, h, y, **kw), lambda: split_features(teacher.head, h, y, **kw)):
+        fn()  # warm-up
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - t) / repeats)
+    return out[0], out[1]
 
 
 def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
@@ -72,9 +75,10 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
             for k, v in ev.phase_s.items():
                 phases.setdefault(k, []).append(v)
     total = time.perf_counter() - t0
-    split_s = time_split(cfg)
+    split_s, split_ref_s = time_split(cfg)
     result = {"teacher_load_s": teacher_s, "first_event_s": first_event or 0.0, "run_s": total,
-              "epoch_s": total / epochs, "split_s": split_s, "peak_rss_mib": peak_rss_mib()}
+              "epoch_s": total / epochs, "split_s": split_s, "split_reference_s": split_ref_s,
+              "peak_rss_mib": peak_rss_mib()}
     for k, v in phases.items():
         result[f"{k}_s"] = float(np.mean(v))
     if device.type == "cuda":
@@ -85,9 +89,11 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
     rows = [("teacher load (cached after first use)", teacher_s), ("first event after start", first_event or 0.0)]
     rows += [(f"{k} (mean per epoch)", float(np.mean(v))) for k, v in phases.items()]
     rows += [(f"feature split, one call ({cfg.split_steps} steps)", split_s),
+             ("  same, autograd reference", split_ref_s),
              (f"whole run ({epochs} epochs)", total)]
     for name, v in rows:
         print(f"{name:34s} {v:9.3f}", file=out)
+    print(f"{'split speed-up vs reference':34s} {split_ref_s / split_s:8.2f}x", file=out)
     print(f"{'peak RSS (MiB)':34s} {result['peak_rss_mib']:9.0f}", file=out)
     if "peak_cuda_mib" in result:
         print(f"{'peak CUDA memory (MiB)':34s} {result['peak_cuda_mib']:9.0f}", file=out)

@@ -46,7 +46,7 @@ from ferd.events import (
     SamplesSynthesised,
     StudentProgress,
 )
-from ferd.feature_split import split_features
+from ferd.feature_split import split_teacher_features
 from ferd.metrics import target_counts
 from ferd.models import Generator as ImageGenerator
 from ferd.models import create_model
@@ -251,7 +251,7 @@ def _synthesis(cfg: Config, synth: Synthesizer, student: nn.Module, state: _Stat
             class_conf[k] = float(conf[sel].mean())
     # The split's robust fraction on the kept batch, for every data-free method (DFRD too: it shows what
     # the FAE term would see).
-    split = split_features(teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
+    split = split_teacher_features(teacher, h, y, steps=cfg.split_steps, lr=cfg.split_lr, beta=cfg.split_beta,
                            rule=cfg.mask_rule)
     n = min(cfg.thumbnails, len(x))
     images = (x[:n].detach().cpu().permute(0, 2, 3, 1).clamp(0, 1).numpy() * 255).round().astype(np.uint8)

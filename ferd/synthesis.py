@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ferd.augment import augment
 from ferd.config import Config
-from ferd.feature_split import split_features, uniformity_loss
+from ferd.feature_split import split_teacher_features, uniformity_loss
 
 
 class NonFiniteLoss(RuntimeError):
@@ -170,7 +170,7 @@ class Synthesizer:
                 l_adv = -kl_div(t_logits, student(xa)) if cfg.w_adv > 0 else torch.zeros((), device=self.device)
                 frac = float("nan")
                 if cfg.w_uni > 0:
-                    split = split_features(self.teacher.head, h, y, steps=cfg.split_steps, lr=cfg.split_lr,
+                    split = split_teacher_features(self.teacher, h, y, steps=cfg.split_steps, lr=cfg.split_lr,
                                            beta=cfg.split_beta, rule=cfg.mask_rule)
                     l_uni = uniformity_loss(self.teacher.head(h * (1.0 - split.mask)))
                     frac = split.robust_fraction

@@ -147,3 +147,15 @@ def test_resume_reuses_the_run_id(store, make):
     assert kinds.count("run_finished") == 1 and kinds[-1] == "run_finished"  # the old terminal event is gone
     assert store.get_run(run_id).status == "finished"
     reg.shutdown(5)
+
+
+@pytest.mark.slow
+def test_real_engine_smoke_run_through_the_registry(store, make):
+    from ferd.config import load_preset
+
+    reg = make(store, None)
+    run_id = reg.submit(load_preset("smoke", device="cpu"))
+    wait_until(lambda: not reg.is_alive(run_id), timeout=600)
+    assert store.get_run(run_id).status == "finished"
+    kinds = [e.kind for _, e in store.events(run_id)]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and "evaluated" in kinds

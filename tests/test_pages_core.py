@@ -66,6 +66,11 @@ def test_live_start_then_charts_appear(home):
     assert {m.label for m in at.metric} >= {"clean", "PGD-20 mean", "PGD-20 worst class", "PGD-20 NSD"}
     assert not at.error
     assert at.button(key="live-stop").disabled and at.button(key="live-resume").disabled
+    slider = at.select_slider(key=f"live-target-epoch-train-{run_id}")
+    assert slider.value == 3  # follows the newest epoch
+    slider.set_value(1).run()
+    assert not at.exception, at.exception
+    assert at.select_slider(key=f"live-target-epoch-train-{run_id}").value == 1
 
 
 def test_live_invalid_input_shows_error_and_disables_start():
@@ -137,3 +142,16 @@ def test_main_entry_point_runs_the_live_page():
     at = app("app/main.py")
     assert any(t.value == "Live run" for t in at.title)
     assert any("No run in progress" in c.value for c in at.sidebar.caption)
+
+
+def test_preset_and_method_reset_the_inputs():
+    at = app("pages/1_Live.py")
+    at.selectbox(key="live-preset").select("smoke").run()
+    assert at.number_input(key="live-smoke-ferd-epochs").value == 3
+    at.selectbox(key="live-method").select("dfrd").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="live-smoke-dfrd-w_uni").value == 0.0
+    assert at.selectbox(key="live-smoke-dfrd-utae_mode").value == "untargeted"
+    at.selectbox(key="live-method").select("reference-code").run()
+    assert not at.exception and not at.error
+    assert not at.button(key="live-start").disabled

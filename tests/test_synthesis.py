@@ -135,3 +135,35 @@ def test_bn_stat_loss_is_zero_on_matching_statistics():
         model(x + 1.0)
     assert terms[0].item() == pytest.approx(math.sqrt(3.0), rel=1e-3)  # mean shifted by 1 in 3 channels
     loss.close()
+
+
+@pytest.mark.parametrize("rule", ["per-channel", "batch-max"])
+@pytest.mark.parametrize("arch", ["digits-cnn", "resnet18"])
+def test_closed_form_split_equals_the_autograd_reference(arch, rule):
+    from ferd.feature_split import ib_objective, split_features_pooled_linear, split_teacher_features
+    from ferd.models import create_model
+
+    size = 16 if arch == "digits-cnn" else 32
+    channels = 1 if arch == "digits-cnn" else 3
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10, in_channels=channels, image_size=size).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = torch.rand(16, channels, size, size), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        h = model.features(x)
+    torch.manual_seed(1)
+    ref = split_features(model.head, h, y, steps=50, rule=rule)
+    torch.manual_seed(1)
+    fast = split_features_pooled_linear(model.classifier, h, y, steps=50, rule=rule)
+    torch.manual_seed(1)
+    dispatched = split_teacher_features(model, h, y, steps=50, rule=rule)
+    assert torch.equal(ref.mask, fast.mask) and torch.equal(fast.mask, dispatched.mask)
+    torch.testing.assert_close(fast.sigma2, ref.sigma2, rtol=1e-4, atol=1e-7)
+    # The objective at the learned scales is the same (same noise draw for both).
+    noise = torch.randn_like(h)
+    lam_ref = torch.log(torch.expm1(ref.sigma2.sqrt()))
+    lam_fast = torch.log(torch.expm1(fast.sigma2.sqrt()))
+    obj_ref = ib_objective(model.head, h, y, lam_ref, ref.variance, noise, 0.3)
+    obj_fast = ib_objective(model.head, h, y, lam_fast, fast.variance, noise, 0.3)
+    assert obj_fast.item() == pytest.approx(obj_ref.item(), rel=1e-5)

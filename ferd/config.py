@@ -59,7 +59,7 @@ class Config:
     """Teacher architecture (registry name in ferd.models)."""
     teacher_checkpoint: str = ""
     """Teacher weights file; '' = train and cache the embedded teacher (digits only)."""
-    teacher_epochs: int = 15
+    teacher_epochs: int = 10
     """Adversarial-training epochs of the embedded teacher (part of its cache key)."""
     student_arch: str = "digits-cnn-small"
     """Student architecture (registry name in ferd.models)."""

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ def synthesis_summary(events: Sequence[Event], last: int = 5) -> dict[str, Any]:
         return {}
     weights = next((e for e in reversed(events) if isinstance(e, ClassWeightsUpdated)), None)
     mem = samples[-1].memory_counts.astype(float)
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a class never sampled in those epochs stays nan
+        warnings.simplefilter("ignore", RuntimeWarning)
         class_acc = np.nanmean(np.stack([s.class_acc for s in samples]), axis=0)
     return {
         "epochs": [s.epoch for s in samples],

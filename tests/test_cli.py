@@ -11,7 +11,7 @@ import torch
 import ferd
 from ferd.cli import main, parse_overrides
 from ferd.config import ConfigError
-from ferd.data import test_split
+from ferd import data
 
 from .conftest import TINY_TEACHER_EPOCHS
 
@@ -53,7 +53,7 @@ def test_compare_writes_results_with_every_method_and_attack(tmp_path, capsys):
         assert sum(r["eval"]["clean"]["totals"]) == 540
         # The student file loads and reproduces the stored clean accuracy on exactly the evaluated tensors.
         model = ferd.load_student(r["student"])
-        x, y = test_split("digits")
+        x, y = data.test_split("digits")
         with torch.no_grad():
             acc = (model(x).argmax(1) == y).float()
         per_class = [float(acc[y == c].mean()) for c in range(10)]

@@ -49,13 +49,7 @@ def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str =
     if last_eval is not None:
         for attack, correct in last_eval.correct.items():
             totals = last_eval.subset_totals.get(attack, last_eval.totals)
-            m = class_metrics(correct, totals)
-            ev_out[attack] = {
-                "per_class": _list(m.per_class), "counts": [int(v) for v in m.counts],
-                "totals": [int(v) for v in m.totals], "mean": _json_float(m.mean), "worst": _json_float(m.worst),
-                "worst_class": int(m.worst_class), "nsd": _json_float(m.nsd),
-                "ci_low": _list(m.ci_low), "ci_high": _list(m.ci_high),
-            }
+            ev_out[attack] = class_metrics(correct, totals).to_dict()
     return {
         "run_id": run_id, "method": cfg["method"], "seed": cfg["seed"],
         "wall_s": finished.wall_s if finished else None,

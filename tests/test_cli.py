@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import ferd
+from ferd import data
 from ferd.cli import main, parse_overrides
 from ferd.config import ConfigError
-from ferd import data
 
 from .conftest import TINY_TEACHER_EPOCHS
 
@@ -68,6 +68,10 @@ def test_compare_writes_results_with_every_method_and_attack(tmp_path, capsys):
         assert syn["pgd20_gap_to_ceiling"] == pytest.approx(real["eval"]["pgd20"]["mean"] - r["eval"]["pgd20"]["mean"])
     assert real["synthesis"] == {}
     assert "| pgd20 | ferd" in (out / "table.md").read_text()
+    # `eval` on the saved student reproduces the stored clean per-class accuracy.
+    assert main(["eval", ferd_run["student"], "--attacks", "clean", "--out", str(tmp_path / "ev.json")]) == 0
+    again = json.loads((tmp_path / "ev.json").read_text())["eval"]["clean"]["per_class"]
+    assert again == pytest.approx(ferd_run["eval"]["clean"]["per_class"])
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ def execute(cfg: Config, store: RunStore, *, stop: threading.Event | None = None
         cfg = from_dict(store.get_run(run_id).config)
         resume = resume and (store.run_dir(run_id) / engine.CHECKPOINT).is_file()
         if not resume:
-            store.truncate_events(run_id, after_epoch=0)
+            store.truncate_events(run_id, after_epoch=-1)  # every event, RunStarted included
     terminal = False
     try:
         for ev in run_fn(cfg, stop, run_dir=store.run_dir(run_id), resume=resume):

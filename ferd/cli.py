@@ -220,10 +220,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
-    from ferd.device import resolve_device
+    from ferd.device import resolve_device, set_threads
     from ferd.teachers import load_teacher
 
     cfg = build_config(args)
+    set_threads(cfg.num_threads)
     bar = tqdm(total=cfg.teacher_epochs, desc="teacher (adversarial training, first use only)", unit="epoch",
                file=sys.stderr)
 

@@ -83,6 +83,8 @@ class Config:
     # --- generator (METHOD.md §3) ---
     latent_dim: int = 100
     """Size of the generator's latent z."""
+    generator_width: int = 64
+    """Channels of the generator's last hidden layer (the first has twice as many); 64 = DCGAN reference."""
     generator_reset: str = "never"
     """`epoch`: re-initialise G each epoch (reference); `never`: keep G and its optimiser, fresh z each epoch."""
     lr_generator: float = 2e-3
@@ -194,7 +196,7 @@ def validate(c: Config) -> None:
     _check(c.student_loss in STUDENT_LOSSES, "student_loss",
            f"unknown {c.student_loss!r}; choose one of {', '.join(STUDENT_LOSSES)}")
     for name in ("epochs", "teacher_epochs", "batch_size", "generator_steps", "memory_size", "eval_every", "latent_dim",
-                 "split_steps", "eval_steps", "eval_batch_size"):
+                 "split_steps", "eval_steps", "eval_batch_size", "generator_width"):
         _check(isinstance(getattr(c, name), int) and getattr(c, name) >= 1, name, "must be an integer >= 1")
     for name in ("warmup_epochs", "student_steps", "reweight_steps", "train_attack_steps", "aa_subset",
                  "thumbnails", "num_threads", "seed"):

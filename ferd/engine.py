@@ -150,7 +150,7 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
     data_free = cfg.method != "real-data"
     synth = None
     if data_free:
-        generator = ImageGenerator(cfg.latent_dim, channels, size)
+        generator = ImageGenerator(cfg.latent_dim, channels, size, width=cfg.generator_width)
         synth = Synthesizer(cfg, teacher, generator, num_classes=c, flip=info.flip, device=device)
         mem_x = torch.empty(0, *info.image_shape, device=device)
         mem_y = torch.empty(0, dtype=torch.long, device=device)

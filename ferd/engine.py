@@ -308,7 +308,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         s_clean, s_adv = student(x), student(x_adv)
         loss = student_loss(cfg, t_logits, s_clean, s_adv)
         if not torch.isfinite(loss.total):
-            raise NonFiniteLoss(f"student loss is {float(loss.total)} at epoch {epoch}, step {step}")
+            raise NonFiniteLoss(f"student loss is {float(loss.total.detach())} at epoch {epoch}, step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         optimizer.step()

@@ -185,6 +185,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     table.to_csv(out / "ablation.csv", index=False)
     md = experiments.markdown_ablation_table(table, args.param)
     (out / "table.md").write_text(md + "\n")
+    experiments.ablation_plot({args.param: table}, args.param, out / "ablation.png")
     print("\n" + md)
     print(f"\n{len(records)} runs in {wall:.0f} s; results: {path}, table: {out / 'ablation.csv'}")
     return 0 if all(r.get("status") == "finished" for r in records) else 1

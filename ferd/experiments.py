@@ -224,3 +224,28 @@ def markdown_ablation_table(table: pd.DataFrame, param: str) -> str:
                      f"{pm(r['pgd20_mean'], r['pgd20_mean_std'])} | {pm(r['pgd20_worst'], r['pgd20_worst_std'])} | "
                      f"{pm(r['pgd20_nsd'], r['pgd20_nsd_std'], scale=1.0, digits=3)} |")
     return "\n".join(lines)
+
+
+def ablation_plot(tables: dict[str, pd.DataFrame], param: str, path: Path) -> Path:
+    """PNG: PGD-20 mean, PGD-20 worst class and PGD-20 NSD (mean ± std over seeds) against `param`,
+    one line per table (e.g. one per mask rule)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), constrained_layout=True)
+    panels = (("pgd20_mean", "PGD-20 mean accuracy (%)", 100), ("pgd20_worst", "PGD-20 worst class (%)", 100),
+              ("pgd20_nsd", "PGD-20 NSD (lower = fairer)", 1))
+    for label, table in tables.items():
+        for ax, (col, title, scale) in zip(axes, panels, strict=True):
+            std = table[f"{col}_std"].fillna(0)
+            ax.errorbar(table["value"], table[col] * scale, yerr=std * scale, marker="o", capsize=3, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(param)
+            ax.grid(alpha=0.3)
+    if len(tables) > 1:
+        axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -84,6 +84,7 @@ def test_ablate_writes_a_table_per_value(tmp_path):
     assert sorted((r["config"]["w_uni"], r["seed"]) for r in runs) == [(0.0, 0), (0.0, 1), (2.0, 0), (2.0, 1)]
     table = pd.read_csv(out / "ablation.csv")
     assert list(table["value"]) == [0.0, 2.0] and list(table["n"]) == [2, 2]
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for col in ("clean_mean", "pgd20_mean", "pgd20_worst", "pgd20_nsd"):
         assert table[col].between(0, 5).all()
 

@@ -2,7 +2,8 @@
 
 Set FERD_HOME to choose the store root. FERD_FAKE_ENGINE selects the fake engine of tests/fakes.py
 instead of the real one (for AppTest and UI work without training): `1` = instant, a number of seconds
-= that delay before every event (e.g. `0.05` to watch a run progress).
+= that delay before every event (e.g. `0.05` to watch a run progress). With the fake engine, UMAP is
+not warmed up at start-up (it costs ~30 s of CPU) but on the Samples page's first use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 
 import streamlit as st
 
+from app.embedding import UmapService
 from app.frames import headline
 from app.jobs import JobRegistry, RunFn
 from ferd import events as ev
@@ -25,8 +27,12 @@ def _engine_override() -> RunFn | None:
         return None
     from tests.fakes import fake_run, slow_fake_run
 
-    delay = float(value)
-    return fake_run if value == "1" else slow_fake_run(delay)
+    if value == "1":
+        return fake_run
+    try:
+        return slow_fake_run(float(value))
+    except ValueError as e:
+        raise ValueError(f"{FAKE_ENGINE_ENV} must be 1 or a delay in seconds, got {value!r}") from e
 
 
 @st.cache_resource
@@ -42,6 +48,23 @@ def get_registry() -> JobRegistry:
     registry = JobRegistry(store, run_fn=_engine_override())
     store.mark_interrupted(alive=registry.alive_ids())
     return registry
+
+
+@st.cache_resource(show_spinner=False)
+def get_umap_service() -> UmapService:
+    """The process's UMAP service; its warm-up (numba compilation) starts in the background on first use."""
+    service = UmapService()
+    service.warm_up()
+    return service
+
+
+def warm_up_at_start() -> None:
+    """Start the slow background warm-ups at server start-up so they are done before a page needs them.
+
+    Skipped with the fake engine (AppTest, UI work), where the Samples page warms UMAP up on first use.
+    """
+    if not os.environ.get(FAKE_ENGINE_ENV):
+        get_umap_service()
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)

@@ -32,8 +32,9 @@ if st.session_state.get(RUN_KEY) not in infos:
 
 
 def _label(run_id: str) -> str:
+    """Stable while the run progresses (a selectbox keeps its selection by label); the status shows below."""
     info = infos[run_id]
-    return f"{info.name or run_id} · {info.method} · seed {info.seed} · {info.status}"
+    return f"{info.name or run_id} · {info.method} · {info.dataset} · seed {info.seed}"
 
 
 pick, stop_col, resume_col = st.columns([6, 1, 1], vertical_alignment="bottom")
@@ -58,8 +59,21 @@ def _ceiling(dataset: str) -> float | None:
     return None
 
 
+def _epoch_slider(epochs: list[int], key: str) -> int:
+    """Scrub through `epochs`; follows the newest epoch until the user moves it elsewhere."""
+    if len(epochs) == 1:
+        return epochs[0]
+    newest_key = f"{key}-newest"
+    if st.session_state.get(key) in (None, st.session_state.get(newest_key)) or st.session_state[key] not in epochs:
+        st.session_state[key] = epochs[-1]
+    st.session_state[newest_key] = epochs[-1]
+    return st.select_slider("Epoch", epochs, key=key)
+
+
 @st.fragment(run_every=POLL_S)
-def live_view(run_id: str) -> None:
+def live_view(run_id: str, alive: bool) -> None:
+    if alive and not registry.is_alive(run_id):
+        st.rerun()  # the run just ended: redraw the whole page (run picker, Stop / Resume buttons)
     events = run_events(run_id)
     job = registry.job(run_id)
     if job is not None and job.status == "queued":
@@ -102,8 +116,7 @@ def live_view(run_id: str) -> None:
                           format_func={"train": "training attacks (synthetic)", "eval": "PGD-20 on the test split"}.get)
         epochs = frames.target_epochs(events, source)
         if epochs:
-            shown = st.select_slider("Epoch", epochs, value=epochs[-1], key=f"live-target-epoch-{source}") \
-                if len(epochs) > 1 else epochs[0]
+            shown = _epoch_slider(epochs, key=f"live-target-epoch-{source}-{run_id}")
             st.plotly_chart(charts.targets_heatmap(frames.targets_matrix(events, shown, source), names,
                                                    title=f"Attack targets, epoch {shown} ({source})"),
                             key="live-targets")
@@ -113,4 +126,4 @@ def live_view(run_id: str) -> None:
     st.plotly_chart(charts.losses_chart(frames.losses_frame(events)), key="live-losses")
 
 
-live_view(run_id)
+live_view(run_id, alive)

@@ -8,18 +8,9 @@ import numpy as np
 import streamlit as st
 
 from app.analysis import USABLE, default_selection
-from app.embedding import PCA, UmapService, collect_samples, embedding_figure, upscale_nearest
+from app.embedding import PCA, collect_samples, embedding_figure, upscale_nearest
 from app.frames import class_names
-from app.state import get_store, run_events
-
-
-@st.cache_resource(show_spinner=False)
-def umap_service() -> UmapService:
-    """One UMAP service per process, warming up in the background from its first use."""
-    service = UmapService()
-    service.warm_up()
-    return service
-
+from app.state import get_store, get_umap_service, run_events
 
 st.title("Synthesised samples")
 store = get_store()
@@ -85,7 +76,7 @@ last_common = min(int(samples.table.loc[samples.table.run_id == i, "epoch"].max(
                   if (samples.table.run_id == i).any())
 upto = min(epoch, last_common)
 sub = samples.table[samples.table.epoch <= upto]
-service = umap_service()
+service = get_umap_service()
 coords, method = service.embed(samples.features[sub["id"].to_numpy()], key=tuple(chosen))
 if method == PCA:
     st.caption(f"PCA of the samples of epochs ≤ {upto}. " + (service.error or "UMAP is warming up; "

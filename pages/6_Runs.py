@@ -2,12 +2,14 @@
 
 import tempfile
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from app import charts, frames
+from app.png import run_png
 from app.state import get_registry, get_store, run_events
 from ferd.store import RunNotFound, StoreError
 
@@ -35,14 +37,14 @@ st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
 
 infos = {r.run_id: r for r in runs}
 run_id = st.selectbox("Run", list(infos), key="runs-pick",
-                      format_func=lambda i: f"{infos[i].name or i} · {infos[i].method} · {infos[i].status}")
+                      format_func=lambda i: f"{infos[i].name or i} · {infos[i].method} · seed {infos[i].seed}")
 info = infos[run_id]
 events = run_events(run_id)
 
 config_col, files_col = st.columns([3, 2])
 with config_col:
     st.subheader("Config")
-    st.json(info.config, expanded=False)
+    st.json(info.config, expanded=1)
 with files_col:
     st.subheader("Downloads")
     st.download_button("Metrics (CSV)", store.metrics_csv(run_id), file_name=f"{run_id}-metrics.csv",
@@ -56,6 +58,9 @@ with files_col:
                    for i, fig in enumerate(figures))
     st.download_button("Charts (HTML)", f"<html><body>{html}</body></html>", file_name=f"{run_id}-charts.html",
                        mime="text/html", key="runs-html")
+    # Rendered on click (in a separate thread), not on every rerun of the page.
+    st.download_button("Charts (PNG)", partial(run_png, events), file_name=f"{run_id}-charts.png",
+                       mime="image/png", key="runs-png")
     if st.button("Prepare export (zip)", key="runs-export"):
         with tempfile.TemporaryDirectory() as tmp:
             st.session_state["runs-export-zip"] = (run_id, store.export_run(run_id, tmp).read_bytes())

@@ -70,11 +70,30 @@ def _epoch_slider(epochs: list[int], key: str) -> int:
     return st.select_slider("Epoch", epochs, key=key)
 
 
+PROGRESS_KINDS = ("generator_progress", "student_progress")
+
+
+def _cached(name: str, key: tuple, build):
+    """The value `build()` returned for the same `key` on an earlier tick of this session, else build it.
+
+    The polling fragment runs every second in the server process, which also runs the training thread:
+    rebuilding pandas frames and plotly figures on every tick competes with training for the GIL, so
+    charts are rebuilt only when an epoch-level event arrived (step-level progress events only move
+    the progress bar)."""
+    cache = st.session_state.setdefault("live-chart-cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, build())
+    return hit[1]
+
+
 @st.fragment(run_every=POLL_S)
 def live_view(run_id: str, alive: bool) -> None:
     if alive and not registry.is_alive(run_id):
         st.rerun()  # the run just ended: redraw the whole page (run picker, Stop / Resume buttons)
     events = run_events(run_id)
+    # Changes when an event other than per-step progress arrives (or the run ends).
+    version = (run_id, sum(1 for e in events if e.kind not in PROGRESS_KINDS))
     job = registry.job(run_id)
     if job is not None and job.status == "queued":
         st.info(f"Queued (#{job.position}): waits for the run ahead of it on the same device.")
@@ -91,7 +110,7 @@ def live_view(run_id: str, alive: bool) -> None:
     for message in frames.warnings(events) + frames.synthesis_warnings(events):
         st.warning(message)
 
-    metrics = frames.headline(events)
+    metrics = _cached("headline", version, lambda: frames.headline(events))
     if metrics:
         cols = st.columns(4)
         cols[0].metric("clean", f"{metrics.get('clean_mean', float('nan')):.1%}")
@@ -101,14 +120,18 @@ def live_view(run_id: str, alive: bool) -> None:
 
     names = frames.class_names(events) or None
     left, right = st.columns(2)
-    left.plotly_chart(charts.weights_chart(frames.weights_frame(events), names), key="live-weights")
+    left.plotly_chart(_cached("weights", version, lambda: charts.weights_chart(frames.weights_frame(events), names)),
+                      key="live-weights")
     with right:
-        acc = frames.accuracy_frame(events)
+        acc = _cached("accuracy-frame", version, lambda: frames.accuracy_frame(events))
         attacks = list(dict.fromkeys(acc["attack"])) or ["pgd20"]
         attack = st.segmented_control("Attack", attacks, default="pgd20" if "pgd20" in attacks else attacks[0],
                                       key="live-attack") or attacks[0]
-        ceiling = _ceiling(infos[run_id].dataset) if attack == "pgd20" and infos[run_id].method != "real-data" else None
-        st.plotly_chart(charts.accuracy_chart(acc, attack, names, ceiling=ceiling), key="live-accuracy")
+        wants_ceiling = attack == "pgd20" and infos[run_id].method != "real-data"
+        ceiling = _cached("ceiling", version, lambda: _ceiling(infos[run_id].dataset)) if wants_ceiling else None
+        st.plotly_chart(_cached("accuracy", (*version, attack, ceiling),
+                                lambda: charts.accuracy_chart(acc, attack, names, ceiling=ceiling)),
+                        key="live-accuracy")
 
     left, right = st.columns(2)
     with left:
@@ -117,13 +140,15 @@ def live_view(run_id: str, alive: bool) -> None:
         epochs = frames.target_epochs(events, source)
         if epochs:
             shown = _epoch_slider(epochs, key=f"live-target-epoch-{source}-{run_id}")
-            st.plotly_chart(charts.targets_heatmap(frames.targets_matrix(events, shown, source), names,
-                                                   title=f"Attack targets, epoch {shown} ({source})"),
-                            key="live-targets")
+            title = f"Attack targets, epoch {shown} ({source})"
+            st.plotly_chart(_cached("targets", (*version, source, shown), lambda: charts.targets_heatmap(
+                frames.targets_matrix(events, shown, source), names, title=title)), key="live-targets")
         else:
             st.caption("No attack targets yet.")
-    right.plotly_chart(charts.synthesis_chart(frames.synthesis_frame(events)), key="live-synthesis")
-    st.plotly_chart(charts.losses_chart(frames.losses_frame(events)), key="live-losses")
+    right.plotly_chart(_cached("synthesis", version, lambda: charts.synthesis_chart(frames.synthesis_frame(events))),
+                       key="live-synthesis")
+    st.plotly_chart(_cached("losses", version, lambda: charts.losses_chart(frames.losses_frame(events))),
+                    key="live-losses")
 
 
 live_view(run_id, alive)

@@ -13,11 +13,9 @@ os.environ.setdefault("FERD_CACHE_DIR", tempfile.mkdtemp(prefix="ferd-test-cache
 os.environ.setdefault("FERD_HOME", tempfile.mkdtemp(prefix="ferd-test-home-"))
 torch.set_num_threads(1)
 
-# The smallest meaningful teacher: one epoch of adversarial training (a few seconds, cached per session).
-TINY_TEACHER_EPOCHS = 1
-
 
 @pytest.fixture
 def tiny_cfg() -> Config:
-    """The smoke preset on a one-epoch teacher: a whole run takes seconds."""
-    return load_preset("smoke", teacher_epochs=TINY_TEACHER_EPOCHS, num_threads=1)
+    """The smoke preset: a whole run takes seconds. Its two-epoch teacher is trained once per test session
+    (FERD_CACHE_DIR above) and shared with the browser tests, whose server runs the smoke preset."""
+    return load_preset("smoke", num_threads=1)

@@ -4,9 +4,11 @@ import streamlit as st
 
 from app import charts, frames
 from app.state import get_registry, get_store, run_events
+from app.uploads import MAX_UPLOAD_BYTES, accept_checkpoint
 from app.widgets import config_form, default_config, format_eta
 from ferd import events as ev
 from ferd.config import ConfigError, from_dict
+from ferd.teachers import TeacherError
 
 POLL_S = 1.0
 RUN_KEY = "live-run"
@@ -18,6 +20,18 @@ st.title("Live run")
 
 with st.expander("Configure a run", expanded=True):
     cfg = config_form(default_config(), key="live")
+    upload = st.file_uploader(f"Teacher checkpoint (optional, .pt/.pth, at most {MAX_UPLOAD_BYTES // 2**20} MB)",
+                              type=["pt", "pth"], key="live-teacher-upload",
+                              help="Weights of the preset's teacher architecture (plain state_dict, 'module.' "
+                                   "prefixes, or under 'state_dict' / 'model_state_dict'); loaded with "
+                                   "weights_only=True and checked before a run may use it.")
+    if upload is not None and cfg is not None:
+        try:
+            cfg = accept_checkpoint(upload.getvalue(), upload.name, cfg, store.root)
+            st.caption(f"Teacher: {upload.name} ({cfg.teacher_arch}) checked and stored.")
+        except (TeacherError, ConfigError) as e:
+            st.error(f"Teacher checkpoint rejected: {e}")
+            cfg = None
     name = st.text_input("Run name (optional)", key="live-name")
     if st.button("Start", type="primary", disabled=cfg is None, key="live-start"):
         st.session_state[RUN_KEY] = registry.submit(cfg, name=name)

@@ -78,6 +78,11 @@ class _State:
     warned: set[str]
 
 
+def _check_stop(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise Stopped
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -139,7 +144,8 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
     c = info.num_classes
-    teacher, tinfo = load_teacher(cfg, device)
+    # Training the embedded teacher on first use takes minutes: a stop request ends it after its epoch.
+    teacher, tinfo = load_teacher(cfg, device, progress=lambda _epoch, _total: _check_stop(stop))
     x_test, y_test = test_split(cfg.dataset, cfg.data_root)
     # Seeded after the teacher: training it on first use must not change what this run does.
     seed_everything(cfg.seed)

@@ -171,3 +171,14 @@ def test_resumed_run_equals_an_uninterrupted_run(tiny_cfg, tmp_path):
     np.testing.assert_array_equal(wa, wb)
     # The resumed log holds each epoch once.
     assert [e.epoch for e in b if e.kind == "epoch_finished"] == [1, 2, 3, 4]
+
+
+def test_stop_during_teacher_training_ends_the_run_without_caching_a_teacher(tiny_cfg):
+    from ferd.teachers import cache_dir, embedded_key
+
+    cfg = tiny_cfg.replace(teacher_epochs=3)  # a teacher no other test trains
+    stop = threading.Event()
+    stop.set()
+    events = list(engine.run(cfg, stop))
+    assert kinds(events) == ["run_stopped"]
+    assert not (cache_dir() / "teachers" / f"{embedded_key(cfg.teacher_arch, 3)}.pt").exists()

@@ -1,7 +1,8 @@
 """FERD Studio entry point: `streamlit run app/main.py` from the repository root.
 
 Navigation over the pages in ../pages (a page whose file is missing is skipped) and the job queue
-in the sidebar. UMAP starts warming up in the background at start-up (app.state.warm_up_at_start).
+in the sidebar. UMAP warms up in the background when the Samples page is first opened
+(app.state.get_umap_service).
 """
 
 import sys
@@ -13,7 +14,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app/main.py` puts app/, not the 
 
 import streamlit as st  # noqa: E402
 
-from app.state import get_registry, warm_up_at_start  # noqa: E402
+from app.state import get_registry  # noqa: E402
 from app.widgets import job_queue  # noqa: E402
 
 PAGES = (
@@ -26,7 +27,6 @@ PAGES = (
 )
 
 st.set_page_config(page_title="FERD Studio", layout="wide")
-warm_up_at_start()
 pages = [st.Page(ROOT / "pages" / file, title=title, icon=icon, default=i == 0)
          for i, (file, title, icon) in enumerate(PAGES) if (ROOT / "pages" / file).is_file()]
 navigation = st.navigation(pages)

@@ -52,19 +52,14 @@ def get_registry() -> JobRegistry:
 
 @st.cache_resource(show_spinner=False)
 def get_umap_service() -> UmapService:
-    """The process's UMAP service; its warm-up (numba compilation) starts in the background on first use."""
+    """The process's UMAP service; its warm-up (numba compilation) starts in the background on first use.
+
+    Not at server start-up: the compilation holds the GIL for long stretches, and a run started right
+    after opening the app (the common case) then trained several times slower until it finished. The
+    Samples page shows PCA until UMAP is ready."""
     service = UmapService()
     service.warm_up()
     return service
-
-
-def warm_up_at_start() -> None:
-    """Start the slow background warm-ups at server start-up so they are done before a page needs them.
-
-    Skipped with the fake engine (AppTest, UI work), where the Samples page warms UMAP up on first use.
-    """
-    if not os.environ.get(FAKE_ENGINE_ENV):
-        get_umap_service()
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)

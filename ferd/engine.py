@@ -28,7 +28,7 @@ from ferd.config import Config, ConfigError, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
 from ferd.distillation import student_loss, training_attack
-from ferd.evaluation import evaluate
+from ferd.evaluation import Interrupted, evaluate
 from ferd.events import (
     AttackTargets,
     CheckpointSaved,
@@ -129,7 +129,7 @@ def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path
     epoch = [0]
     try:
         yield from _run(cfg, stop, Path(run_dir) if run_dir else None, resume, epoch)
-    except Stopped:
+    except (Stopped, Interrupted):  # Interrupted: the stop request reached an evaluation
         yield RunStopped(epoch=epoch[0], reason="stop requested")
     except EXPECTED_ERRORS as e:
         yield RunFailed(epoch=epoch[0], reason=str(e))
@@ -200,7 +200,7 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
                                   attacks=cfg.final_attacks if final else cfg.eval_attacks, eps=cfg.eps,
                                   step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
                                   batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, should_stop=stop.is_set)
                 phase["evaluation"] = time.perf_counter() - t
                 yield Evaluated(epoch=epoch, correct=result.correct, totals=result.totals,
                                 subset_totals=result.subset_totals, final=final, wall_s=phase["evaluation"])

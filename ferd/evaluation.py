@@ -3,12 +3,14 @@
 `evaluate` returns per-class correct counts per attack (the raw material of every fairness metric), the
 class totals, and the PGD attack-target histogram. It leaves the caller's world as it found it: the model's
 mode and requires_grad flags, and torch's global random state (the attacks' random starts draw from a
-private seed), so evaluating mid-training does not change what training does next.
+private seed), so evaluating mid-training does not change what training does next. A `should_stop`
+callback ends an evaluation (AutoAttack included) at the model's next forward pass with `Interrupted`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +21,29 @@ from ferd.attacks import ATTACKS, attack_mode, get_attack, isolated_rng
 from ferd.metrics import ClassMetrics, class_metrics, class_totals, correct_counts, target_counts
 
 CLEAN = "clean"
+
+
+class Interrupted(Exception):
+    """`should_stop` returned True during an evaluation."""
+
+
+@contextmanager
+def _interruptible(model: nn.Module, should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Raise `Interrupted` before any forward pass of `model` once `should_stop()` is true. Attacks call the model
+    at every step, so this reaches inside long attacks (AutoAttack) without changing what they compute."""
+    if should_stop is None:
+        yield
+        return
+
+    def check(_module: nn.Module, _args: tuple) -> None:
+        if should_stop():
+            raise Interrupted
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -53,12 +78,14 @@ def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, attacks: Sequence[str],
              eps: float, step_size: float, steps: int = 20, kappa: float = 50.0, batch_size: int = 256,
-             aa_subset: int = 0, device: str | torch.device, seed: int = 0) -> Evaluation:
+             aa_subset: int = 0, device: str | torch.device, seed: int = 0,
+             should_stop: Callable[[], bool] | None = None) -> Evaluation:
     """Per-class accuracy of `model` (already on `device`) on (x, y) in [0,1] under each of `attacks`.
 
     attacks: names from ("clean", "fgsm", "pgd20", "cw", "aa"); PGD-20 and CW use `steps` steps of `step_size`.
     aa_subset > 0 runs AutoAttack on a stratified subset of about that size (`stratified_subset`) and records
     its per-class totals in `subset_totals`. Random starts are seeded from `seed`; the global RNG is restored.
+    Raises `Interrupted` (with the model's mode, flags and the RNG restored) once `should_stop()` is true.
     """
     unknown = [a for a in attacks if a != CLEAN and a not in ATTACKS]
     if unknown:
@@ -70,7 +97,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
     batched = [a for a in attacks if a not in (CLEAN, "aa")]
     settings = dict(eps=eps, step_size=step_size, steps=steps, kappa=kappa, device=device, seed=seed)
     subset_totals: dict[str, np.ndarray] = {}
-    with attack_mode(model), isolated_rng(seed):
+    with attack_mode(model), isolated_rng(seed), _interruptible(model, should_stop):
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)

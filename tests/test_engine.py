@@ -182,3 +182,19 @@ def test_stop_during_teacher_training_ends_the_run_without_caching_a_teacher(tin
     events = list(engine.run(cfg, stop))
     assert kinds(events) == ["run_stopped"]
     assert not (cache_dir() / "teachers" / f"{embedded_key(cfg.teacher_arch, 3)}.pt").exists()
+
+
+def test_stop_during_the_final_evaluation_ends_the_run_as_stopped(tiny_cfg, monkeypatch):
+    """The last epoch's evaluation (AutoAttack on the digits preset) takes the stop request too."""
+    real = engine.evaluate
+    stop = threading.Event()
+
+    def stopped_midway(*args, **kw):
+        stop.set()  # as if the user pressed Stop while the attacks run
+        return real(*args, **kw)
+
+    cfg = tiny_cfg.replace(epochs=1, warmup_epochs=0)
+    monkeypatch.setattr(engine, "evaluate", stopped_midway)
+    events = list(engine.run(cfg, stop))
+    assert isinstance(events[-1], RunStopped)
+    assert "evaluated" not in kinds(events)

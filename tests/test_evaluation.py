@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ferd.evaluation import Evaluation, evaluate, stratified_subset
+from ferd.evaluation import Evaluation, Interrupted, evaluate, stratified_subset
 
 C = 4
 EPS = 0.02
@@ -152,3 +152,40 @@ def test_batch_size_does_not_change_deterministic_attacks():
     for name in ("clean", "fgsm"):
         np.testing.assert_array_equal(a.correct[name], b.correct[name])
     assert a.correct["fgsm"].sum() < a.correct["clean"].sum()
+
+
+class StopAfter:
+    """should_stop callback that turns true on its n-th call; counts the calls."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize("attacks", [FAST, ("aa",)])
+def test_should_stop_interrupts_at_the_next_forward_and_leaves_no_trace(attacks):
+    model, x, y = _mlp_problem()
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    torch.manual_seed(1)
+    expected = torch.rand(5)
+    torch.manual_seed(1)
+    stop = StopAfter(5)
+    with pytest.raises(Interrupted):
+        _evaluate(model, x, y, attacks=attacks, eps=0.2, should_stop=stop)
+    assert stop.calls == 5  # nothing ran past the first forward that saw the request
+    assert torch.equal(torch.rand(5), expected)
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert not model._forward_pre_hooks  # the model is usable again, unhooked
+    model(x)
+
+
+def test_should_stop_never_true_changes_nothing():
+    model, x, y = _mlp_problem()
+    a = _evaluate(model, x, y, eps=0.2, seed=3)
+    b = _evaluate(model, x, y, eps=0.2, seed=3, should_stop=lambda: False)
+    for name in FAST:
+        np.testing.assert_array_equal(a.correct[name], b.correct[name])

@@ -5,8 +5,8 @@ default one; `python -m ferd teacher` runs first so no run trains it), drives it
 Chromium through Playwright, and writes DIR/ui_measurements.json plus a table on stdout:
 
 a) start-up: seconds from clicking Start on the Live page to the first plotly chart visible and to the
-   first chart with data (the page was just opened, so UMAP's start-up warm-up runs at the same time,
-   as it does for a user who presses Start right away); then how long until UMAP is ready on Samples.
+   first chart with data (UMAP warms up on the first Samples visit, not here); then how long the first
+   Samples visit takes until its map is UMAP (warm-up included) rather than the PCA placeholder.
 b) throughput, seconds per epoch from the run's stored EpochFinished events, `--epochs` epochs each,
    one condition after another on the same server:
    1. `no_page`: started through the Live page, which is then closed (the run trains with no session);
@@ -338,7 +338,7 @@ def _measure_in_browser(browser: Any, url: str, home: Path, pid: int, result: di
                         epochs: int, minutes: float) -> None:
     from playwright.sync_api import Error as PlaywrightError
 
-    # a) start-up: a fresh page (its session starts UMAP's warm-up), Start at once.
+    # a) start-up: a fresh Live page, Start at once; then the first Samples visit (UMAP's warm-up).
     result["rss_at_start_mib"] = round(rss_mib(pid), 1)
     page = open_live(browser, url)
     run_id, clicked = start_run(page, home, preset=preset, epochs=epochs, name="measure-startup")

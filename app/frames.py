@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ferd import events as ev
+from ferd.diagnostics import LOW_TEACHER_ACC, ROBUST_FRACTION_BAND, synthesis_problems
 from ferd.metrics import class_metrics
 
 WEIGHT_COLUMNS = ["epoch", "class", "weight", "score"]
@@ -105,8 +106,9 @@ def progress(events: Sequence[ev.Event]) -> tuple[int, int, float | None]:
 
 
 def warnings(events: Sequence[ev.Event]) -> list[str]:
-    """Messages of the run's RunWarning events, in order."""
-    return [e.message for e in _of(events, ev.RunWarning)]
+    """Messages of the run's RunWarning events that are not about synthesis, in order. Synthesis warnings mark
+    the first bad batch, which later batches may have left behind: `synthesis_warnings` says how it is now."""
+    return [e.message for e in _of(events, ev.RunWarning) if e.key not in SYNTHESIS_KEYS]
 
 
 def terminal(events: Sequence[ev.Event]) -> ev.Event | None:
@@ -131,25 +133,22 @@ def headline(events: Sequence[ev.Event]) -> dict[str, float]:
     return out
 
 
-ROBUST_BAND = 0.02
+SYNTHESIS_KEYS = ("teacher_acc", "robust_fraction")
+"""The problems `ferd.diagnostics.synthesis_problems` reports."""
+ROBUST_BAND = ROBUST_FRACTION_BAND[0]
 """A robust-mask fraction within this distance of 0 or 1 means the feature split degenerated."""
-TEACHER_ACC_FLOOR = 0.9
+TEACHER_ACC_FLOOR = LOW_TEACHER_ACC
 """Below this teacher accuracy on x* the synthetic samples no longer look like their sampled class."""
 
 
 def synthesis_warnings(events: Sequence[ev.Event]) -> list[str]:
-    """Warnings about the latest synthesised batch: a degenerate feature split or an unconvinced teacher."""
+    """Problems of the latest synthesised batch (`ferd.diagnostics`): a degenerate split, an unconvinced teacher."""
     frame = synthesis_frame(events)
     if frame.empty:
         return []
     last = frame.iloc[-1]
-    out = []
-    rf = float(last["robust_fraction"])
-    if rf == rf and (rf < ROBUST_BAND or rf > 1 - ROBUST_BAND):
-        out.append(f"Epoch {int(last['epoch'])}: robust-feature fraction is {rf:.3f}; the feature split marks "
-                   "almost nothing or almost everything robust, so the uniformity loss has little to act on.")
-    acc = float(last["teacher_acc"])
-    if acc == acc and acc < TEACHER_ACC_FLOOR:
-        out.append(f"Epoch {int(last['epoch'])}: the teacher classifies only {acc:.0%} of the synthetic batch as its "
-                   f"sampled class (below {TEACHER_ACC_FLOOR:.0%}); the samples may not carry class information.")
-    return out
+    started = _of(events, ev.RunStarted)
+    config = started[-1].config if started else {}
+    problems = synthesis_problems(float(last["teacher_acc"]), float(last["robust_fraction"]),
+                                  w_uni=float(config.get("w_uni", 1.0)), mask_rule=str(config.get("mask_rule", "?")))
+    return [f"Latest batch (epoch {int(last['epoch'])}): {m}." for m in problems.values()]

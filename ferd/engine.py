@@ -27,6 +27,7 @@ from ferd.augment import augment
 from ferd.config import Config, ConfigError, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
+from ferd.diagnostics import synthesis_problems
 from ferd.distillation import student_loss, training_attack
 from ferd.evaluation import Interrupted, evaluate
 from ferd.events import (
@@ -56,8 +57,6 @@ from ferd.teachers import TeacherError, load_teacher
 
 CHECKPOINT = "checkpoint.pt"
 STUDENT = "student.pt"
-LOW_TEACHER_ACC = 0.9  # teacher accuracy on x* below this: the samples do not look like their classes
-ROBUST_FRACTION_BAND = (0.02, 0.98)  # a robust fraction outside this band: the FAE term degenerates
 EXPECTED_ERRORS = (ConfigError, DataError, TeacherError, NonFiniteLoss, FileNotFoundError)
 
 
@@ -268,17 +267,11 @@ def _synthesis(cfg: Config, synth: Synthesizer, student: nn.Module, state: _Stat
         class_acc=class_acc, class_conf=class_conf, robust_fraction=split.robust_fraction,
         memory_counts=np.bincount(state.memory_y.cpu().numpy(), minlength=c))
     yield ev
-    for key, bad, message in (
-        ("teacher_acc", ev.teacher_acc < LOW_TEACHER_ACC,
-         f"teacher accuracy on the synthetic batch is {ev.teacher_acc:.0%} (< {LOW_TEACHER_ACC:.0%}): "
-         "the samples do not yet look like their classes to the teacher"),
-        ("robust_fraction", not ROBUST_FRACTION_BAND[0] <= ev.robust_fraction <= ROBUST_FRACTION_BAND[1],
-         f"the feature split marks {ev.robust_fraction:.1%} of features robust: the uniformity (FAE) term "
-         f"{'sees all features' if ev.robust_fraction < 0.5 else 'sees no features'} (mask_rule={cfg.mask_rule})"),
-    ):
-        if bad and key not in state.warned and (key != "robust_fraction" or cfg.w_uni > 0):
+    problems = synthesis_problems(ev.teacher_acc, ev.robust_fraction, w_uni=cfg.w_uni, mask_rule=cfg.mask_rule)
+    for key, message in problems.items():
+        if key not in state.warned:
             state.warned.add(key)
-            yield RunWarning(epoch=epoch, message=message)
+            yield RunWarning(epoch=epoch, message=message, key=key)
     return x, y
 
 

@@ -157,6 +157,8 @@ class RunFailed(Event):
 class RunWarning(Event):
     kind: ClassVar[str] = "warning"
     message: str
+    key: str = ""
+    """What the warning is about (a `ferd.diagnostics.synthesis_problems` key), "" for anything else."""
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ferd import engine
+from ferd.diagnostics import synthesis_problems
 from ferd.events import (
     AttackTargets,
     ClassWeightsUpdated,
@@ -16,6 +17,7 @@ from ferd.events import (
     RunFinished,
     RunStarted,
     RunStopped,
+    RunWarning,
     SamplesSynthesised,
     StudentProgress,
 )
@@ -59,6 +61,14 @@ def test_event_stream_of_a_tiny_ferd_run(tiny_cfg, tmp_path):
     assert s.features.shape[0] == len(s.labels) == len(s.teacher_pred)
     assert 0.0 <= s.teacher_acc <= 1.0 and 0.0 <= s.teacher_conf <= 1.0
     assert s.memory_counts.sum() == tiny_cfg.batch_size * tiny_cfg.epochs
+    # A RunWarning the first time each synthesis problem appears, never again for the same problem.
+    warned = [e for e in events if isinstance(e, RunWarning)]
+    expected = {}
+    for e in syn:
+        for key in synthesis_problems(e.teacher_acc, e.robust_fraction, w_uni=tiny_cfg.w_uni,
+                                      mask_rule=tiny_cfg.mask_rule):
+            expected.setdefault(key, e.epoch)
+    assert {w.key: w.epoch for w in warned} == expected and len(warned) == len(expected)
     # Attack targets never count a correct prediction (the diagonal is empty).
     for t in (e for e in events if isinstance(e, AttackTargets)):
         assert t.counts.shape == (10, 10) and np.trace(t.counts) == 0

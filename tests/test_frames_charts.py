@@ -69,9 +69,23 @@ def test_warnings_and_synthesis_warnings(events):
     assert frames.synthesis_warnings(events) == []  # the fake teacher is ~90 % sure and the split is balanced
     last = [e for e in events if isinstance(e, ev.SamplesSynthesised)][-1]
     bad = dataclasses.replace(last, robust_fraction=0.995, teacher_acc=0.5)
-    out = frames.synthesis_warnings([*events, bad, ev.RunWarning(epoch=4, message="loss is large")])
-    assert len(out) == 2 and "robust-feature fraction" in out[0] and "50%" in out[1]
-    assert frames.warnings([ev.RunWarning(epoch=1, message="hello")]) == ["hello"]
+    out = frames.synthesis_warnings([*events, bad])
+    assert len(out) == 2 and "50%" in out[0] and "99.5% of features robust" in out[1]
+    assert all(m.startswith(f"Latest batch (epoch {bad.epoch})") for m in out)
+    # a later sound batch clears them: the warnings describe the latest batch
+    assert frames.synthesis_warnings([*events, bad, last]) == []
+    # RunWarnings about synthesis mark the first bad batch (shown above as the current state); others show as is
+    stream = [*events, ev.RunWarning(epoch=1, message="low", key="teacher_acc"),
+              ev.RunWarning(epoch=4, message="loss is large")]
+    assert frames.warnings(stream) == ["loss is large"]
+
+
+def test_synthesis_warnings_skip_the_split_when_the_uniformity_term_is_off(events):
+    started = [e for e in events if isinstance(e, ev.RunStarted)][-1]
+    last = [e for e in events if isinstance(e, ev.SamplesSynthesised)][-1]
+    no_fae = dataclasses.replace(started, config={**started.config, "w_uni": 0.0})
+    out = frames.synthesis_warnings([no_fae, dataclasses.replace(last, robust_fraction=0.0)])
+    assert out == []
 
 
 def test_headline_from_last_evaluation(events):

@@ -1,17 +1,22 @@
 """2-D maps of teacher features for the Samples page: PCA at once, UMAP once it is warm.
 
 UMAP compiles its numba kernels on first use (seconds to a minute) and numba holds the GIL while it
-runs, so a fit on the server thread would freeze every session. `UmapService` warms UMAP up in a
-background thread, serves PCA until then, serialises fits behind one lock and caches fitted maps by
-key; later samples are projected into a fitted map (`transform`) so existing points do not jump.
+runs, so fits on a server thread would stall every session and the training threads. `UmapService`
+runs UMAP in one worker process (`app.umap_worker`), warms it up in the background, serves PCA until
+then (or if the worker fails), serialises fits behind one lock and caches fitted maps by key; later
+samples are projected into a fitted map (`transform`) so existing points do not jump.
 """
 
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import threading
+import uuid
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +24,13 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from app import umap_worker
 from app.charts import LAYOUT, class_colors
 from ferd.events import Event, SamplesSynthesised
 
 # The one process-wide global: numba-compiled UMAP code is not safe to run from two threads at once
 # (concurrent fits crash the interpreter), and every session's service object shares the same numba
-# runtime, so the lock must be module-level rather than per instance.
+# runtime (in-process) or worker, so the lock must be module-level rather than per instance.
 _UMAP_LOCK = threading.Lock()
 
 PCA = "PCA"
@@ -57,7 +63,6 @@ def pca_2d(features: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _FittedMap:
-    reducer: Any
     coords: np.ndarray
     """(N, 2) coordinates of every sample embedded so far (fitted ones first, then projected ones)."""
 
@@ -66,22 +71,24 @@ class UmapService:
     """Thread-safe UMAP maps with a PCA fallback; create one per process (st.cache_resource).
 
     `embed` is the page's entry point: PCA while UMAP is not ready (or for too few samples), else the cached
-    UMAP map of `key`, extended by projecting any samples appended since it was fitted.
+    UMAP map of `key`, extended by projecting any samples appended since it was fitted. With `isolate` (the
+    default) UMAP runs in one spawned worker process; `isolate=False` runs it in this process (tests).
     """
 
     def __init__(self, *, n_neighbors: int = 15, min_dist: float = 0.1, random_state: int = 0,
-                 min_samples: int = 16, max_maps: int = 8) -> None:
-        self.n_neighbors = n_neighbors
-        self.min_dist = min_dist
-        self.random_state = random_state
+                 min_samples: int = 16, max_maps: int = 8, isolate: bool = True) -> None:
+        self.params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "random_state": random_state}
         self.min_samples = min_samples
         """Below this many samples `embed` uses PCA (UMAP needs a neighbourhood graph)."""
         self.max_maps = max_maps
         """Fitted maps kept (least recently used dropped first): memory stays flat over long sessions."""
+        self.isolate = isolate
         self._ready = threading.Event()
         self._maps: OrderedDict[Hashable, _FittedMap] = OrderedDict()
         self._last_key: Hashable | None = None
         self._warm_thread: threading.Thread | None = None
+        self._executor: ProcessPoolExecutor | None = None
+        self._ns = uuid.uuid4().hex  # keys in the worker's table are (service, key)
         self.error = ""
         """Why UMAP could not be used ('' if it can); `embed` then keeps serving PCA."""
 
@@ -89,8 +96,24 @@ class UmapService:
     def ready(self) -> bool:
         return self._ready.is_set()
 
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run an `app.umap_worker` function under the lock: in the worker process, or here."""
+        with _UMAP_LOCK:
+            if not self.isolate:
+                return fn(*args)
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                atexit.register(self.close)
+            return self._executor.submit(fn, *args).result()
+
+    def close(self) -> None:
+        """Stop the worker process (registered at exit; a later call starts a new one)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
     def warm_up(self) -> threading.Thread:
-        """Compile UMAP's kernels in a background thread (a fit on small random data); idempotent.
+        """Compile UMAP's kernels in the background (a fit on small random data); idempotent.
 
         The thread is joined at interpreter exit: a daemon thread still inside numba code when the
         interpreter tears down aborts the process.
@@ -102,21 +125,12 @@ class UmapService:
         return self._warm_thread
 
     def _warm(self) -> None:
-        rng = np.random.default_rng(self.random_state)
-        try:  # fit and transform once: both compile their own kernels
-            with _UMAP_LOCK:
-                reducer = self._reducer(64).fit(rng.standard_normal((64, 8)).astype(np.float32))
-                reducer.transform(rng.standard_normal((4, 8)).astype(np.float32))
+        try:
+            self._call(umap_worker.warm, self.params)
         except Exception as e:  # any failure just leaves the PCA fallback in place
             self.error = f"UMAP unavailable: {e}"
             return
         self._ready.set()
-
-    def _reducer(self, n: int) -> Any:
-        import umap  # imported lazily: importing it compiles numba code (seconds)
-
-        return umap.UMAP(n_components=2, n_neighbors=min(self.n_neighbors, n - 1), min_dist=self.min_dist,
-                         random_state=self.random_state, n_jobs=1)
 
     def fit(self, features: np.ndarray, key: Hashable) -> np.ndarray:
         """Fit a UMAP map on (N, D) features and cache it under `key`; (N, 2). A cached key returns its map."""
@@ -126,46 +140,51 @@ class UmapService:
             self._maps.move_to_end(key)
             self._last_key = key
             return cached.coords
-        with _UMAP_LOCK:
-            reducer = self._reducer(len(x))
-            coords = np.asarray(reducer.fit_transform(x), dtype=np.float64)
-        self._maps[key] = _FittedMap(reducer, coords)
+        coords = self._call(umap_worker.fit, (self._ns, key), x, self.params)
+        self._maps[key] = _FittedMap(coords)
         self._maps.move_to_end(key)
         while len(self._maps) > self.max_maps:
-            self._maps.popitem(last=False)
+            dropped, _ = self._maps.popitem(last=False)
+            self._call(umap_worker.forget, (self._ns, dropped))
         self._last_key = key
         return coords
 
     def transform(self, new_features: np.ndarray, *, key: Hashable | None = None) -> np.ndarray:
         """Project (M, D) new samples into the map of `key` (default: the last fitted one); (M, 2)."""
         key = self._last_key if key is None else key
-        fitted = self._maps.get(key)
-        if fitted is None:
+        if key not in self._maps:
             raise RuntimeError("no fitted UMAP map to project into; call fit first")
         x = _flat(new_features, np.float32)
         if len(x) == 0:
             return np.zeros((0, 2))
-        with _UMAP_LOCK:
-            return np.asarray(fitted.reducer.transform(x), dtype=np.float64)
+        return self._call(umap_worker.transform, (self._ns, key), x)
 
     def embed(self, features: np.ndarray, key: Hashable) -> tuple[np.ndarray, str]:
         """(coords (N, 2), "PCA" or "UMAP").
 
         Callers keep the sample order stable and only append (e.g. ordered by epoch): rows beyond those a
         cached map was fitted on are projected into it, a shorter prefix reuses the cached coordinates.
+        If the worker process dies (numba crash, killed for memory) the page keeps PCA and shows why.
         """
         x = _flat(features, np.float32)
         if not self.ready or len(x) < self.min_samples:
             return pca_2d(x), PCA
-        fitted = self._maps.get(key)
-        if fitted is None:
-            return self.fit(x, key), UMAP
-        self._maps.move_to_end(key)
-        self._last_key = key
-        n = len(fitted.coords)
-        if len(x) > n:
-            fitted.coords = np.concatenate([fitted.coords, self.transform(x[n:], key=key)])
-        return fitted.coords[: len(x)], UMAP
+        try:
+            fitted = self._maps.get(key)
+            if fitted is None:
+                return self.fit(x, key), UMAP
+            self._maps.move_to_end(key)
+            self._last_key = key
+            n = len(fitted.coords)
+            if len(x) > n:
+                fitted.coords = np.concatenate([fitted.coords, self.transform(x[n:], key=key)])
+            return fitted.coords[: len(x)], UMAP
+        except BrokenProcessPool as e:
+            self.error = f"UMAP worker stopped ({e}); showing PCA."
+            self._ready.clear()
+            self._maps.clear()
+            self.close()
+            return pca_2d(x), PCA
 
 
 def embedding_figure(coords: np.ndarray, labels: Sequence[int], method_labels: Sequence[str],

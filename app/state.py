@@ -2,8 +2,9 @@
 
 Set FERD_HOME to choose the store root. FERD_FAKE_ENGINE selects the fake engine of tests/fakes.py
 instead of the real one (for AppTest and UI work without training): `1` = instant, a number of seconds
-= that delay before every event (e.g. `0.05` to watch a run progress). With the fake engine, UMAP is
-not warmed up at start-up (it costs ~30 s of CPU) but on the Samples page's first use.
+= that delay before every event (e.g. `0.05` to watch a run progress). UMAP warms up on the Samples
+page's first use, in a worker process; FERD_UMAP_PROCESS=0 runs it in this process instead (tests that
+stand in a fake `umap` module).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ferd import events as ev
 from ferd.store import RunStore
 
 FAKE_ENGINE_ENV = "FERD_FAKE_ENGINE"
+UMAP_PROCESS_ENV = "FERD_UMAP_PROCESS"
 
 
 def _engine_override() -> RunFn | None:
@@ -57,7 +59,7 @@ def get_umap_service() -> UmapService:
     Not at server start-up: the compilation holds the GIL for long stretches, and a run started right
     after opening the app (the common case) then trained several times slower until it finished. The
     Samples page shows PCA until UMAP is ready."""
-    service = UmapService()
+    service = UmapService(isolate=os.environ.get(UMAP_PROCESS_ENV, "1") != "0")
     service.warm_up()
     return service
 

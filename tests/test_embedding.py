@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 import time
@@ -10,6 +12,7 @@ import types
 import numpy as np
 import pytest
 
+from app import umap_worker
 from app.embedding import PCA, UMAP, UmapService, collect_samples, embedding_figure, pca_2d, upscale_nearest
 from ferd.events import SamplesSynthesised
 
@@ -71,7 +74,7 @@ def fake_umap(monkeypatch):
 
 
 def test_embed_is_pca_until_warm(fake_umap):
-    svc = UmapService()
+    svc = UmapService(isolate=False)
     x = np.random.default_rng(0).standard_normal((40, 5))
     coords, method = svc.embed(x, "k")
     assert method == PCA and np.allclose(coords, pca_2d(x))
@@ -82,7 +85,7 @@ def test_embed_is_pca_until_warm(fake_umap):
 
 
 def test_embed_projects_appended_samples_without_moving_old_ones(fake_umap):
-    svc = UmapService()
+    svc = UmapService(isolate=False)
     svc.warm_up().join(5)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((30, 4))
@@ -98,7 +101,7 @@ def test_embed_projects_appended_samples_without_moving_old_ones(fake_umap):
 
 
 def test_embed_uses_pca_for_too_few_samples(fake_umap):
-    svc = UmapService(min_samples=16)
+    svc = UmapService(min_samples=16, isolate=False)
     svc.warm_up().join(5)
     _, method = svc.embed(np.ones((5, 3)), "small")
     assert method == PCA
@@ -106,11 +109,11 @@ def test_embed_uses_pca_for_too_few_samples(fake_umap):
 
 def test_transform_needs_a_fitted_map(fake_umap):
     with pytest.raises(RuntimeError, match="fit"):
-        UmapService().transform(np.ones((3, 4)))
+        UmapService(isolate=False).transform(np.ones((3, 4)))
 
 
 def test_concurrent_fits_are_serialised(fake_umap):
-    svc = UmapService()
+    svc = UmapService(isolate=False)
     rng = np.random.default_rng(2)
     data = [rng.standard_normal((30, 4)) for _ in range(4)]
     results: dict[int, np.ndarray] = {}
@@ -128,7 +131,7 @@ def test_failed_warm_up_keeps_pca(monkeypatch):
         raise ImportError("no numba here")
 
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=broken))
-    svc = UmapService()
+    svc = UmapService(isolate=False)
     svc.warm_up().join(5)
     assert not svc.ready and "no numba" in svc.error
     _, method = svc.embed(np.random.default_rng(0).standard_normal((40, 3)), "k")
@@ -137,7 +140,8 @@ def test_failed_warm_up_keeps_pca(monkeypatch):
 
 @pytest.mark.slow
 def test_real_umap_warm_up_then_two_threads_fit_at_once():
-    svc = UmapService()
+    svc = UmapService()  # in its worker process
+    assert svc._call(umap_worker.pid) != os.getpid()
     svc.warm_up().join(300)
     assert svc.ready, svc.error
     rng = np.random.default_rng(0)
@@ -151,6 +155,18 @@ def test_real_umap_warm_up_then_two_threads_fit_at_once():
         t.join(300)
     assert all(results[i].shape == (80, 2) and np.isfinite(results[i]).all() for i in range(2))
     assert svc.transform(data[0][:5], key=0).shape == (5, 2)
+    svc.close()
+
+
+def test_a_dead_worker_leaves_pca_and_says_why():
+    svc = UmapService()
+    worker = svc._call(umap_worker.pid)
+    assert worker != os.getpid()
+    os.kill(worker, signal.SIGKILL)
+    svc._ready.set()  # as if warm: the next map would be a UMAP fit in the (now dead) worker
+    coords, method = svc.embed(np.random.default_rng(0).standard_normal((40, 3)), "k")
+    assert method == PCA and coords.shape == (40, 2)
+    assert "worker stopped" in svc.error and not svc.ready
 
 
 def test_embedding_figure_colours_by_class_symbols_by_method():

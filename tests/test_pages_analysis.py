@@ -24,6 +24,7 @@ def app_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FERD_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FERD_FAKE_ENGINE", "1")
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=_FakeUMAP))
+    monkeypatch.setenv("FERD_UMAP_PROCESS", "0")  # the stand-in lives in this process
     st.cache_resource.clear()
     yield tmp_path / "home"
     st.cache_resource.clear()

@@ -1,6 +1,6 @@
 """Where computation runs: the device is resolved once from the config, and CPU threads are set once.
 
-Everything below the entry points takes its device from its inputs; nothing calls `.cuda()`.
+Everything below the entry points takes its device from its inputs (tensors and models are moved with `.to(device)`).
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ def get_registry() -> JobRegistry:
 def get_umap_service() -> UmapService:
     """The process's UMAP service; its warm-up (numba compilation) starts in the background on first use.
 
-    Not at server start-up: the compilation holds the GIL for long stretches, and a run started right
-    after opening the app (the common case) then trained several times slower until it finished. The
+    Not at server start-up: the compilation (in the worker process) takes about a minute of CPU, which a
+    run started right after opening the app (the common case) would compete with on a small machine. The
     Samples page shows PCA until UMAP is ready."""
     service = UmapService(isolate=os.environ.get(UMAP_PROCESS_ENV, "1") != "0")
     service.warm_up()

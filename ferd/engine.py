@@ -211,8 +211,7 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
                 _save_checkpoint(ckpt_path, cfg, student, optimizer, synth, state, wall)
                 yield CheckpointSaved(epoch=epoch, path=str(ckpt_path))
             yield EpochFinished(epoch=epoch, wall_s=wall, phase_s=phase)
-            if stop.is_set():
-                raise Stopped
+            _check_stop(stop)
         wall = state.wall_offset + time.perf_counter() - t_start
         student_path = ""
         if run_dir is not None:
@@ -294,8 +293,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
     counts = np.zeros((c, c), dtype=np.int64)
     n = len(state.memory_y)
     for step in range(1, cfg.student_steps + 1):
-        if stop.is_set():
-            raise Stopped
+        _check_stop(stop)
         idx = torch.randint(0, n, (min(cfg.batch_size, n),), device=state.memory_y.device)
         x, y = state.memory_x[idx], state.memory_y[idx]
         if cfg.augment:

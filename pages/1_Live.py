@@ -121,7 +121,7 @@ def live_view(run_id: str, alive: bool) -> None:
         st.error(f"Run failed: {end.reason}")
     elif isinstance(end, ev.RunStopped):
         st.info(f"Run stopped: {end.reason}")
-    for message in frames.warnings(events) + frames.synthesis_warnings(events):
+    for message in _cached("warnings", version, lambda: frames.warnings(events) + frames.synthesis_warnings(events)):
         st.warning(message)
 
     metrics = _cached("headline", version, lambda: frames.headline(events))

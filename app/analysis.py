@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from app.charts import LAYOUT
 from ferd.config import METHOD_OVERRIDES, Config, from_dict, load_preset
+from ferd.experiments import error_bars
 
 # Config fields that do not change what a run computes (where it ran, not what it is); ignored when
 # deciding whether two runs are seeds of the same experiment.
@@ -193,12 +194,15 @@ def ablation_figure(table: pd.DataFrame, param: str) -> go.Figure:
     t = table.sort_values("value")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("worst-class PGD-20 accuracy (higher is fairer)",
                                                         "PGD-20 NSD (lower is fairer)"))
+    worst_lo, worst_hi = error_bars(t["pgd20_worst"], t["pgd20_worst_std"])
+    nsd_lo, nsd_hi = error_bars(t["pgd20_nsd"], t["pgd20_nsd_std"])
     fig.add_trace(go.Scatter(x=t["value"], y=t["pgd20_worst"] * 100, mode="lines+markers", name="worst class",
-                             error_y={"type": "data", "array": t["pgd20_worst_std"].fillna(0) * 100},
+                             error_y={"type": "data", "symmetric": False, "array": worst_hi * 100,
+                                      "arrayminus": worst_lo * 100},
                              customdata=t["n"], hovertemplate=f"{param}=%{{x}}<br>worst %{{y:.1f}}%"
                                                               "<br>runs %{customdata}<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=t["value"], y=t["pgd20_nsd"], mode="lines+markers", name="NSD",
-                             error_y={"type": "data", "array": t["pgd20_nsd_std"].fillna(0)},
+                             error_y={"type": "data", "symmetric": False, "array": nsd_hi, "arrayminus": nsd_lo},
                              customdata=t["n"], hovertemplate=f"{param}=%{{x}}<br>NSD %{{y:.3f}}"
                                                               "<br>runs %{customdata}<extra></extra>"), row=1, col=2)
     fig.update_xaxes(title_text=param)

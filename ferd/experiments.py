@@ -226,6 +226,13 @@ def markdown_ablation_table(table: pd.DataFrame, param: str) -> str:
     return "\n".join(lines)
 
 
+def error_bars(mean: pd.Series, std: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper bar lengths for mean ± std over seeds: a missing std (one seed) draws no bar, and the
+    lower bar stops at 0, since no accuracy or NSD is negative."""
+    upper = std.fillna(0).to_numpy(dtype=float)
+    return np.minimum(upper, mean.to_numpy(dtype=float).clip(min=0)), upper
+
+
 def ablation_plot(tables: dict[str, pd.DataFrame], param: str, path: Path) -> Path:
     """PNG: PGD-20 mean, PGD-20 worst class and PGD-20 NSD (mean ± std over seeds) against `param`,
     one line per table (e.g. one per mask rule)."""
@@ -239,8 +246,9 @@ def ablation_plot(tables: dict[str, pd.DataFrame], param: str, path: Path) -> Pa
               ("pgd20_nsd", "PGD-20 NSD (lower = fairer)", 1))
     for label, table in tables.items():
         for ax, (col, title, scale) in zip(axes, panels, strict=True):
-            std = table[f"{col}_std"].fillna(0)
-            ax.errorbar(table["value"], table[col] * scale, yerr=std * scale, marker="o", capsize=3, label=label)
+            lower, upper = error_bars(table[col], table[f"{col}_std"])
+            ax.errorbar(table["value"], table[col] * scale, yerr=[lower * scale, upper * scale], marker="o",
+                        capsize=3, label=label)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(param)
             ax.grid(alpha=0.3)

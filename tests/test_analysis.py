@@ -19,6 +19,7 @@ from app.analysis import (
     teacher_figure,
 )
 from ferd.config import Config, load_preset, preset_names, to_dict
+from ferd.experiments import error_bars
 
 
 def record(run_id: str, method: str, seed: int, pgd: list[float], *, clean: list[float] | None = None,
@@ -134,6 +135,7 @@ def test_ablation_figure_plots_worst_and_nsd_with_error_bars():
     assert list(worst.x) == [0.0, 5.0]
     assert list(worst.y) == pytest.approx([10.0, 30.0])
     assert list(worst.error_y.array) == pytest.approx([0.0, 5.0])
+    assert list(worst.error_y.arrayminus) == pytest.approx([0.0, 5.0])
     assert list(nsd.y) == pytest.approx([0.4, 0.2])
     with pytest.raises(ValueError):
         ablation_figure(table.iloc[0:0], "w_uni")
@@ -192,3 +194,16 @@ def test_teacher_figure_outlines_worst_class():
     assert list(pgd.marker.line.width) == [0, 3, 0]
     with pytest.raises(ValueError):
         teacher_figure({})
+
+
+def test_error_bars_are_mean_plus_minus_std_with_the_lower_bar_stopping_at_zero():
+    mean = pd.Series([0.013, 0.30, 0.50])
+    std = pd.Series([0.044, 0.05, float("nan")])  # worst class 1.3 ± 4.4 %: the bar would reach -3.1 %
+    lower, upper = error_bars(mean, std)
+    assert list(upper) == pytest.approx([0.044, 0.05, 0.0])
+    assert list(lower) == pytest.approx([0.013, 0.05, 0.0])
+    table = pd.DataFrame({"value": [1.0], "n": [3], "pgd20_worst": [0.013], "pgd20_worst_std": [0.044],
+                          "pgd20_nsd": [0.6], "pgd20_nsd_std": [0.02]})
+    worst, _nsd = ablation_figure(table, "w_uni").data
+    assert list(worst.error_y.arrayminus) == pytest.approx([1.3])
+    assert list(worst.error_y.array) == pytest.approx([4.4])

@@ -33,7 +33,8 @@ CHOICE_FIELDS = {"utae_mode": UTAE_MODES, "mask_rule": MASK_RULES, "generator_re
 LABELS = {"w_uni": "uniformity weight w_uni", "c_min": "c_min", "c_max": "c_max", "utae_weight": "UTAE weight λ_u",
           "eps": "ε (L∞, pixels in [0,1])", "epochs": "epochs E", "generator_steps": "generator steps N_G",
           "student_steps": "student steps N_S", "batch_size": "batch size B", "seed": "seed",
-          "utae_mode": "UTAE mode", "mask_rule": "feature-split mask rule", "generator_reset": "generator reset"}
+          "utae_mode": "UTAE mode", "mask_rule": "feature-split mask rule", "generator_reset": "generator reset",
+          "reweight": "robustness-guided reweighting"}
 
 
 def default_config() -> Config:
@@ -79,6 +80,8 @@ def config_form(defaults: Config, key: str) -> Config | None:
             options = list(CHOICE_FIELDS[name])
             values[name] = st.selectbox(LABELS[name], options, index=options.index(getattr(base, name)),
                                         key=f"{prefix}-{name}", help=field_doc(name) or None)
+        values["reweight"] = st.checkbox(LABELS["reweight"], value=base.reweight, key=f"{prefix}-reweight",
+                                         help=field_doc("reweight") or None)
     with right:
         for name in INT_FIELDS:
             values[name] = int(st.number_input(LABELS[name], value=int(getattr(base, name)), step=1,

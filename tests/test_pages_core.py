@@ -155,3 +155,22 @@ def test_preset_and_method_reset_the_inputs():
     at.selectbox(key="live-method").select("reference-code").run()
     assert not at.exception and not at.error
     assert not at.button(key="live-start").disabled
+
+
+def test_reweighting_switch_follows_the_method_and_reaches_the_run(home):
+    at = app("pages/1_Live.py")
+    assert at.checkbox(key=f"{FORM}-reweight").value is True
+    at.selectbox(key="live-method").select("dfrd").run()
+    assert at.checkbox(key="live-(current settings)-dfrd-reweight").value is False
+    at.selectbox(key="live-method").select("ferd").run()
+    shrink_run(at)
+    at.checkbox(key=f"{FORM}-reweight").uncheck().run()
+    at.button(key="live-start").click().run()
+    assert not at.exception, at.exception
+    run_id = wait_for_status(home, "finished")
+    store = RunStore(home)
+    try:
+        cfg = store.get_run(run_id).config
+    finally:
+        store.close()
+    assert cfg["method"] == "ferd" and cfg["reweight"] is False and cfg["w_uni"] > 0

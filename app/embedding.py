@@ -61,12 +61,6 @@ def pca_2d(features: np.ndarray) -> np.ndarray:
     return out
 
 
-@dataclass
-class _FittedMap:
-    coords: np.ndarray
-    """(N, 2) coordinates of every sample embedded so far (fitted ones first, then projected ones)."""
-
-
 class UmapService:
     """Thread-safe UMAP maps with a PCA fallback; create one per process (st.cache_resource).
 
@@ -84,11 +78,14 @@ class UmapService:
         """Fitted maps kept (least recently used dropped first): memory stays flat over long sessions."""
         self.isolate = isolate
         self._ready = threading.Event()
-        self._maps: OrderedDict[Hashable, _FittedMap] = OrderedDict()
+        self._maps: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        """Per key, the (N, 2) coordinates of every sample embedded so far (fitted ones, then projected ones)."""
         self._last_key: Hashable | None = None
         self._warm_thread: threading.Thread | None = None
         self._executor: ProcessPoolExecutor | None = None
         self._ns = uuid.uuid4().hex  # keys in the worker's table are (service, key)
+        if isolate:
+            atexit.register(self.close)  # once: close() is idempotent and a later call restarts the worker
         self.error = ""
         """Why UMAP could not be used ('' if it can); `embed` then keeps serving PCA."""
 
@@ -103,7 +100,6 @@ class UmapService:
                 return fn(*args)
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-                atexit.register(self.close)
             return self._executor.submit(fn, *args).result()
 
     def close(self) -> None:
@@ -136,12 +132,12 @@ class UmapService:
         """Fit a UMAP map on (N, D) features and cache it under `key`; (N, 2). A cached key returns its map."""
         x = _flat(features, np.float32)
         cached = self._maps.get(key)
-        if cached is not None and len(cached.coords) == len(x):
+        if cached is not None and len(cached) == len(x):
             self._maps.move_to_end(key)
             self._last_key = key
-            return cached.coords
+            return cached
         coords = self._call(umap_worker.fit, (self._ns, key), x, self.params)
-        self._maps[key] = _FittedMap(coords)
+        self._maps[key] = coords
         self._maps.move_to_end(key)
         while len(self._maps) > self.max_maps:
             dropped, _ = self._maps.popitem(last=False)
@@ -175,10 +171,10 @@ class UmapService:
                 return self.fit(x, key), UMAP
             self._maps.move_to_end(key)
             self._last_key = key
-            n = len(fitted.coords)
+            n = len(fitted)
             if len(x) > n:
-                fitted.coords = np.concatenate([fitted.coords, self.transform(x[n:], key=key)])
-            return fitted.coords[: len(x)], UMAP
+                fitted = self._maps[key] = np.concatenate([fitted, self.transform(x[n:], key=key)])
+            return fitted[: len(x)], UMAP
         except BrokenProcessPool as e:
             self.error = f"UMAP worker stopped ({e}); showing PCA."
             self._ready.clear()

@@ -37,10 +37,12 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
-    """CW loss to maximise: clamp(max_{j != y} z_j - z_y, min=-kappa), batch mean."""
+    """CW loss to maximise (METHOD.md §7): -clamp(z_y - max_{j != y} z_j + kappa, min=0), batch mean.
+
+    Every sample not yet misclassified by a margin of kappa has a gradient, however far its true logit leads."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-    return torch.clamp(other - true, min=-kappa).mean()
+    return -torch.clamp(true - other + kappa, min=0).mean()
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -5,7 +5,8 @@ sigma = softplus(lambda) that the teacher's head tolerates:
 
     min_lambda  CE(head(h + sigma * eps), y) + beta * mean_bk 1/2 (v/sigma^2 + log(sigma^2/v) - 1)
 
-with v the spatial variance of h_bk. Channels whose learned noise is large are *robust* (mask 1).
+with v the spatial variance of h_bk and eps one N(0,1) draw per (sample, channel), broadcast over the spatial
+positions (as the released code and upstream IFD). Channels whose learned noise is large are *robust* (mask 1).
 `per-channel` (default): robust iff sigma^2_bk > v_bk. `batch-max` (released code): sigma^2_bk > max v.
 No gradient flows through the mask; h is treated as a constant.
 """
@@ -52,7 +53,9 @@ def robust_mask(sigma2: torch.Tensor, variance: torch.Tensor, rule: str) -> torc
 
 def ib_objective(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor,
                  lam: torch.Tensor, variance: torch.Tensor, noise: torch.Tensor, beta: float) -> torch.Tensor:
-    """CE of the head on noisy features + beta * KL(N(0, sigma^2) || N(0, v)) averaged over (b, k)."""
+    """CE of the head on noisy features + beta * KL(N(0, sigma^2) || N(0, v)) averaged over (b, k).
+
+    noise has lam's shape (B, K, 1, 1): one draw per (sample, channel), broadcast over space."""
     sigma = F.softplus(lam)
     s2 = sigma * sigma
     ce = F.cross_entropy(head(h + sigma * noise), y)
@@ -73,7 +76,7 @@ def split_features(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor
     lam = torch.zeros(b, k, 1, 1, device=h.device, dtype=h.dtype, requires_grad=True)
     opt = torch.optim.Adam([lam], lr=lr)
     for _ in range(steps):
-        noise = torch.randn_like(h)
+        noise = torch.randn_like(lam)
         loss = ib_objective(head, h, y, lam, variance, noise, beta)
         (grad,) = torch.autograd.grad(loss, lam)
         lam.grad = grad
@@ -92,7 +95,7 @@ def split_features_pooled_linear(linear: torch.nn.Linear, h: torch.Tensor, y: to
     Same objective, same noise draws (same order from the global RNG), same Adam update as torch.optim.Adam
     (defaults betas 0.9/0.999, eps 1e-8): the masks equal the reference up to float rounding (a test compares
     them). Gradient, with z = h + sigma n, p = mean_hw relu(z), logits = p W^T + b:
-        dCE/dsigma_bk = sum_hw [(softmax - onehot) W]_bk / (B H W) * 1[z > 0] * n
+        dCE/dsigma_bk = [(softmax - onehot) W]_bk / (B H W) * n_bk * #{hw: z_bkhw > 0}
         dKL/dsigma_bk = (1/sigma - v/sigma^3) / (B K)
         d/dlambda = (dCE/dsigma + beta dKL/dsigma) * sigmoid(lambda)
     """
@@ -108,7 +111,7 @@ def split_features_pooled_linear(linear: torch.nn.Linear, h: torch.Tensor, y: to
     ce_scale = 1.0 / (b * hh * ww)
     kl_scale = beta / (b * k)
     for t in range(1, steps + 1):
-        noise = torch.randn_like(h)
+        noise = torch.randn_like(lam)  # (B, K, 1, 1), broadcast over space
         sigma = F.softplus(lam)
         z = h + sigma * noise
         pooled = F.relu(z).mean(dim=(2, 3))  # (B, K)

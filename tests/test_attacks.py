@@ -194,6 +194,14 @@ def test_autoattack_restores_global_rng_and_is_deterministic(digits):
 def test_cw_margin_hand_computed():
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 5.0, 2.0]])
     y = torch.tensor([0, 2])
-    # sample 0: max other 1 - 3 = -2; sample 1: 5 - 2 = 3
-    assert cw_margin(logits, y, kappa=50.0).item() == pytest.approx(0.5)
-    assert cw_margin(logits, y, kappa=1.0).item() == pytest.approx(1.0)  # -2 clamped to -1
+    # z_y - max other + kappa: sample 0: 3 - 1 + kappa; sample 1: 2 - 5 + kappa
+    assert cw_margin(logits, y, kappa=50.0).item() == pytest.approx(-(52.0 + 47.0) / 2)
+    assert cw_margin(logits, y, kappa=1.0).item() == pytest.approx(-(3.0 + 0.0) / 2)  # sample 1 clamped to 0
+
+
+def test_cw_margin_has_a_gradient_where_the_true_logit_leads_by_more_than_kappa():
+    logits = torch.tensor([[100.0, 1.0, 0.0], [0.0, 5.0, -60.0]], requires_grad=True)
+    y = torch.tensor([0, 2])  # sample 0 leads by 99 > kappa; sample 1 is misclassified by 65 > kappa
+    (grad,) = torch.autograd.grad(cw_margin(logits, y, kappa=50.0), logits)
+    assert grad[0].tolist() == pytest.approx([-0.5, 0.5, 0.0])  # pushes z_y down and the runner-up up
+    assert grad[1].tolist() == [0.0, 0.0, 0.0]  # beyond the kappa margin: done

@@ -53,6 +53,20 @@ def test_split_keeps_noise_small_only_where_the_head_needs_the_signal():
     assert split.mask.view(b, k)[:, 0].mean() < 0.15
 
 
+def test_split_noise_is_one_draw_per_sample_and_channel_broadcast_over_space():
+    h = torch.zeros(3, 4, 5, 5)  # constant features: what the head sees is the noise itself
+    seen = []
+
+    def head(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.detach())
+        return z.mean(dim=(2, 3))
+
+    split_features(head, h, torch.zeros(3, dtype=torch.long), steps=2)
+    for z in seen:
+        assert torch.equal(z, z[:, :, :1, :1].expand_as(z))  # constant over (h, w)
+        assert z[:, :, 0, 0].unique().numel() == 12  # a different draw for every (sample, channel)
+
+
 def test_uniformity_loss_is_kl_from_uniform():
     assert uniformity_loss(torch.zeros(3, 5)).item() == pytest.approx(0.0, abs=1e-6)
     logits = torch.tensor([[math.log(3.0), 0.0]])  # p = (3/4, 1/4): KL(U||p) = 0.5 log(0.5/0.75) + 0.5 log(0.5/0.25)
@@ -161,7 +175,7 @@ def test_closed_form_split_equals_the_autograd_reference(arch, rule):
     assert torch.equal(ref.mask, fast.mask) and torch.equal(fast.mask, dispatched.mask)
     torch.testing.assert_close(fast.sigma2, ref.sigma2, rtol=1e-4, atol=1e-7)
     # The objective at the learned scales is the same (same noise draw for both).
-    noise = torch.randn_like(h)
+    noise = torch.randn_like(ref.sigma2)
     lam_ref = torch.log(torch.expm1(ref.sigma2.sqrt()))
     lam_fast = torch.log(torch.expm1(fast.sigma2.sqrt()))
     obj_ref = ib_objective(model.head, h, y, lam_ref, ref.variance, noise, 0.3)

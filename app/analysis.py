@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from app.charts import LAYOUT
 from ferd.config import METHOD_OVERRIDES, Config, from_dict, load_preset
-from ferd.experiments import error_bars
+from ferd.experiments import error_bars, eval_rows
 
 # Config fields that do not change what a run computes (where it ran, not what it is); ignored when
 # deciding whether two runs are seeds of the same experiment.
@@ -78,7 +78,7 @@ def compare_frame(records: Sequence[Mapping[str, Any]], baseline_id: str) -> pd.
     groups = group_labels(records)
     rows = []
     for r in records:
-        for attack, res in r.get("eval", {}).items():
+        for attack, res in eval_rows(r.get("eval", {})):
             acc = np.asarray(res["per_class"], dtype=float)
             worst = int(np.nanargmin(acc)) if np.isfinite(acc).any() else -1
             for c, a in enumerate(acc):
@@ -144,7 +144,8 @@ def compare_figure(frame: pd.DataFrame, attack: str, *, by_group: bool = False) 
 
 
 def summary_table(records: Sequence[Mapping[str, Any]], *, by_group: bool = False) -> pd.DataFrame:
-    """Mean / worst / NSD per attack for each run (or each seed group, with sample std over seeds).
+    """Mean / worst / NSD per attack for each run (or each seed group, with sample std over seeds); PGD-20 on
+    AutoAttack's images is its own attack row (`ferd.experiments.AA_PGD20`).
 
     One row per (label, attack); columns label, method, n, attack, mean, mean_std, worst, worst_std, nsd, nsd_std.
     Accuracies are fractions; std columns are NaN for a single run.
@@ -152,7 +153,7 @@ def summary_table(records: Sequence[Mapping[str, Any]], *, by_group: bool = Fals
     groups = group_labels(records)
     rows = []
     for r in records:
-        for attack, res in r.get("eval", {}).items():
+        for attack, res in eval_rows(r.get("eval", {})):
             rows.append({"label": groups[r["run_id"]] if by_group else run_label(r), "method": r.get("method", ""),
                          "attack": attack, "mean": res["mean"], "worst": res["worst"], "nsd": res["nsd"]})
     cols = ["label", "method", "n", "attack", "mean", "mean_std", "worst", "worst_std", "nsd", "nsd_std"]

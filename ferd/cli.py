@@ -96,14 +96,19 @@ class Progress:
             self.bar.close()
 
 
+def _print_eval(ev: dict[str, Any]) -> None:
+    """One line per attack (PGD-20 on AutoAttack's images right after AutoAttack)."""
+    for attack, m in experiments.eval_rows(ev):
+        per = " ".join(f"{a * 100:5.1f}" if a is not None else "   – " for a in m["per_class"])
+        nsd = f"{m['nsd']:.3f}" if m["nsd"] is not None else "–"
+        print(f"  {attack:8s} mean {m['mean'] * 100:5.1f}  worst {m['worst'] * 100:5.1f} (class {m['worst_class']})"
+              f"  NSD {nsd}  n {sum(m['totals'])}  per class: {per}")
+
+
 def _print_record(rec: dict[str, Any]) -> None:
     print(f"\n{rec['method']} seed {rec['seed']}: run {rec['run_id']}, status {rec.get('status', '?')}, "
           f"wall {rec['wall_s'] or 0:.1f} s")
-    for attack, m in rec["eval"].items():
-        per = " ".join(f"{a * 100:5.1f}" if a is not None else "   – " for a in m["per_class"])
-        nsd = f"{m['nsd']:.3f}" if m["nsd"] is not None else "–"
-        print(f"  {attack:6s} mean {m['mean'] * 100:5.1f}  worst {m['worst'] * 100:5.1f} (class {m['worst_class']})"
-              f"  NSD {nsd}  per class: {per}")
+    _print_eval(rec["eval"])
     syn = rec.get("synthesis") or {}
     if syn:
         line = (f"  synthesis: teacher acc on x* {syn['teacher_acc']:.1%}, conf {syn['teacher_conf']:.2f}, "
@@ -198,7 +203,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ferd.device import resolve_device
     from ferd.engine import load_student
     from ferd.evaluation import evaluate
-    from ferd.metrics import class_metrics
 
     device = resolve_device(args.device)
     meta = torch.load(args.student, map_location="cpu", weights_only=True) if Path(args.student).is_file() else {}
@@ -209,11 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(model, x.to(device), y.to(device), num_classes=dataset_info(dataset).num_classes,
                       attacks=args.attacks, eps=args.eps, step_size=args.step_size or args.eps / 4,
                       steps=args.steps, aa_subset=args.aa_subset, device=device, seed=args.seed)
-    out = {}
-    for attack, correct in result.correct.items():
-        m = class_metrics(correct, result.subset_totals.get(attack, result.totals))
-        out[attack] = m.to_dict()
-        print(f"{attack:6s} mean {m.mean:.1%}  worst {m.worst:.1%} (class {m.worst_class})  NSD {m.nsd:.3f}")
+    out = experiments.eval_summary(result.correct, result.totals, result.subset_totals, result.aa_pgd20)
+    _print_eval(out)
     print(f"({time.perf_counter() - t0:.1f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps({"student": args.student, "eps": args.eps, "eval": out}, indent=1))

@@ -52,6 +52,13 @@ def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.T
         return pgd(student, x, y, loss=untargeted, **common)
 
 
+def adversarial_predictions(student: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
+    """The student's predicted class on the adversarial examples, in eval mode (running BN statistics, as the
+    attack saw it): what the attack-target histogram and the success rate count. The student's mode is restored."""
+    with eval_mode(student), torch.no_grad():
+        return student(x_adv).argmax(dim=1)
+
+
 def soft_ce(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
     """CE(p(t), p(s)) = -sum p(t) log p(s), batch mean."""
     return -(F.softmax(t_logits, dim=1) * F.log_softmax(s_logits, dim=1)).sum(dim=1).mean()

@@ -28,7 +28,7 @@ from ferd.config import Config, ConfigError, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
 from ferd.diagnostics import synthesis_problems
-from ferd.distillation import student_loss, training_attack
+from ferd.distillation import adversarial_predictions, student_loss, training_attack
 from ferd.evaluation import Interrupted, evaluate
 from ferd.events import (
     AttackTargets,
@@ -202,7 +202,8 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
                                   seed=cfg.seed, should_stop=stop.is_set)
                 phase["evaluation"] = time.perf_counter() - t
                 yield Evaluated(epoch=epoch, correct=result.correct, totals=result.totals,
-                                subset_totals=result.subset_totals, final=final, wall_s=phase["evaluation"])
+                                subset_totals=result.subset_totals, final=final, wall_s=phase["evaluation"],
+                                aa_pgd20=result.aa_pgd20)
                 if result.pgd_targets is not None:
                     yield AttackTargets(epoch=epoch, counts=result.pgd_targets, source="eval")
             wall = state.wall_offset + time.perf_counter() - t_start
@@ -301,6 +302,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         with torch.no_grad():
             t_logits = teacher(x)
         x_adv = training_attack(cfg, student, x, y, t_logits, c)
+        adv_pred = adversarial_predictions(student, x_adv)
         student.train()
         s_clean, s_adv = student(x), student(x_adv)
         loss = student_loss(cfg, t_logits, s_clean, s_adv)
@@ -309,7 +311,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         optimizer.step()
-        counts += target_counts(y.cpu().numpy(), s_adv.detach().argmax(1).cpu().numpy(), c)
+        counts += target_counts(y.cpu().numpy(), adv_pred.cpu().numpy(), c)
         yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
                               losses={k: float(getattr(loss, k).detach()) for k in ("total", "nat", "rob")})
     yield AttackTargets(epoch=epoch, counts=counts, source="train")

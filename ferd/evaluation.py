@@ -56,6 +56,9 @@ class Evaluation:
     """attack -> (C,) int samples per class where the attack ran on a subset (AutoAttack)."""
     pgd_targets: np.ndarray | None
     """(C, C) int (true, predicted) counts of samples misclassified under PGD; None without "pgd20"."""
+    aa_pgd20: np.ndarray | None = None
+    """(C,) int PGD-20 correct counts on AutoAttack's images (its subset, totals `subset_totals["aa"]`), so the
+    two compare on the same images; None unless both "aa" and "pgd20" ran."""
 
     def metrics(self, z: float = 1.96) -> dict[str, ClassMetrics]:
         """Per-attack class metrics, each against the totals its attack actually ran on."""
@@ -84,7 +87,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
 
     attacks: names from ("clean", "fgsm", "pgd20", "cw", "aa"); PGD-20 and CW use `steps` steps of `step_size`.
     aa_subset > 0 runs AutoAttack on a stratified subset of about that size (`stratified_subset`) and records
-    its per-class totals in `subset_totals`. Random starts are seeded from `seed`; the global RNG is restored.
+    its per-class totals in `subset_totals`; with "pgd20" too, `aa_pgd20` holds PGD-20's counts on those images.
+    Random starts are seeded from `seed`; the global RNG is restored.
     Raises `Interrupted` (with the model's mode, flags and the RNG restored) once `should_stop()` is true.
     """
     unknown = [a for a in attacks if a != CLEAN and a not in ATTACKS]
@@ -94,6 +98,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
     totals = class_totals(y_np, num_classes)
     correct = {name: np.zeros(num_classes, dtype=np.int64) for name in attacks}
     pgd_targets = np.zeros((num_classes, num_classes), dtype=np.int64) if "pgd20" in attacks else None
+    pgd_pred = np.zeros(len(y_np), dtype=np.int64)
+    aa_pgd20 = None
     batched = [a for a in attacks if a not in (CLEAN, "aa")]
     settings = dict(eps=eps, step_size=step_size, steps=steps, kappa=kappa, device=device, seed=seed)
     subset_totals: dict[str, np.ndarray] = {}
@@ -109,6 +115,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
                 correct[name] += correct_counts(pred, yb_np, num_classes)
                 if name == "pgd20":
                     pgd_targets += target_counts(yb_np, pred, num_classes)
+                    pgd_pred[start:start + batch_size] = pred
         if "aa" in attacks:
             idx = np.arange(len(y_np))
             if aa_subset > 0:
@@ -119,5 +126,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
             preds = np.concatenate([_predict(model, x_adv[s:s + batch_size].to(device))
                                     for s in range(0, len(idx), batch_size)])
             correct["aa"] = correct_counts(preds, y_np[idx], num_classes)
-    return Evaluation(correct=correct, totals=totals, subset_totals=subset_totals, pgd_targets=pgd_targets)
+            if "pgd20" in attacks:
+                aa_pgd20 = correct_counts(pgd_pred[idx], y_np[idx], num_classes)
+    return Evaluation(correct=correct, totals=totals, subset_totals=subset_totals, pgd_targets=pgd_targets,
+                      aa_pgd20=aa_pgd20)
 

@@ -116,6 +116,8 @@ class Evaluated(Event):
     """attack -> (C,) totals where the attack ran on a subset (AutoAttack)."""
     final: bool = False
     wall_s: float = 0.0
+    aa_pgd20: np.ndarray | None = None
+    """(C,) PGD-20 correct counts on AutoAttack's images (totals `subset_totals["aa"]`); None without both."""
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,7 @@ def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str =
     last_eval = next((e for e in reversed(events) if isinstance(e, Evaluated)), None)
     ev_out: dict[str, Any] = {}
     if last_eval is not None:
-        for attack, correct in last_eval.correct.items():
-            totals = last_eval.subset_totals.get(attack, last_eval.totals)
-            ev_out[attack] = class_metrics(correct, totals).to_dict()
+        ev_out = eval_summary(last_eval.correct, last_eval.totals, last_eval.subset_totals, last_eval.aa_pgd20)
     return {
         "run_id": run_id, "method": cfg["method"], "seed": cfg["seed"],
         "wall_s": finished.wall_s if finished else None,
@@ -58,6 +56,30 @@ def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str =
         "final": bool(last_eval and last_eval.final),
         "config": cfg, "teacher": started.teacher, "eval": ev_out, "synthesis": synthesis_summary(events),
     }
+
+
+def eval_summary(correct: dict[str, np.ndarray], totals: np.ndarray, subset_totals: dict[str, np.ndarray],
+                 aa_pgd20: np.ndarray | None) -> dict[str, Any]:
+    """Per attack, its class metrics against the totals it ran on. When AutoAttack ran on a subset beside PGD-20,
+    its entry also holds PGD-20 on the same images (METHOD.md §7): `pgd20_same_images` (mean over classes) and
+    `pgd20_same_images_metrics` (the full class metrics)."""
+    out = {attack: class_metrics(c, subset_totals.get(attack, totals)).to_dict() for attack, c in correct.items()}
+    if "aa" in out and aa_pgd20 is not None:
+        same = class_metrics(aa_pgd20, subset_totals.get("aa", totals))
+        out["aa"]["pgd20_same_images"] = same.mean
+        out["aa"]["pgd20_same_images_metrics"] = same.to_dict()
+    return out
+
+
+def eval_rows(ev: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(attack, class metrics) pairs of a record's `eval`, with PGD-20 on AutoAttack's images as its own row
+    (`AA_PGD20`) right after AutoAttack."""
+    rows = []
+    for attack, m in ev.items():
+        rows.append((attack, m))
+        if attack == "aa" and "pgd20_same_images_metrics" in m:
+            rows.append((AA_PGD20, m["pgd20_same_images_metrics"]))
+    return rows
 
 
 def synthesis_summary(events: Sequence[Event], last: int = 5) -> dict[str, Any]:
@@ -145,14 +167,16 @@ def write_results(out: Path, records: list[dict[str, Any]], *, command: str, ext
 
 
 # ---- tables ----
-ATTACK_ORDER = ("clean", "fgsm", "pgd20", "cw", "aa")
+AA_PGD20 = "pgd20@aa"
+"""Table row: PGD-20 on AutoAttack's images (compare it with AA, not with PGD-20 on the whole split)."""
+ATTACK_ORDER = ("clean", "fgsm", "pgd20", "cw", "aa", AA_PGD20)
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Long table: method, attack, class ('mean', 'worst', 'nsd' or a class index), mean and std over seeds, n."""
     rows = []
     for r in records:
-        for attack, m in r["eval"].items():
+        for attack, m in eval_rows(r["eval"]):
             for c, a in enumerate(m["per_class"]):
                 rows.append((r["method"], r["seed"], attack, str(c), a))
             for stat in ("mean", "worst", "nsd"):

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ferd.evaluation import Evaluation, Interrupted, evaluate, stratified_subset
+from ferd.experiments import AA_PGD20, eval_rows, eval_summary
 
 C = 4
 EPS = 0.02
@@ -98,6 +99,49 @@ def test_autoattack_on_stratified_subset():
     metrics = ev.metrics()
     assert metrics["aa"].totals.tolist() == [1, 1, 1, 1] and metrics["aa"].mean == 1.0
     assert metrics["clean"].totals.tolist() == [3, 3, 3, 3]
+    assert ev.aa_pgd20 is None  # no PGD-20 in this evaluation
+
+
+def test_pgd20_on_autoattack_images_is_the_pgd20_result_restricted_to_the_subset(monkeypatch):
+    # AutoAttack stubbed by the identity (it is what it is compared with, not what is tested here).
+    from ferd import attacks
+
+    monkeypatch.setitem(attacks.ATTACKS, "aa", attacks.AttackSpec("aa", "AA", lambda m, x, y, **_: x.clone()))
+    x, y = _data([3, 3, 3, 3])
+    model = LookupModel(constant=True)  # always class 0: PGD-20 keeps exactly the class-0 samples
+    ev = _evaluate(model, x, y, attacks=("pgd20", "aa"), aa_subset=8)
+    assert ev.subset_totals["aa"].tolist() == [2, 2, 2, 2]
+    assert ev.correct["pgd20"].tolist() == [3, 0, 0, 0]
+    assert ev.aa_pgd20.tolist() == [2, 0, 0, 0]
+    summary = eval_summary(ev.correct, ev.totals, ev.subset_totals, ev.aa_pgd20)
+    assert summary["aa"]["pgd20_same_images"] == pytest.approx(0.25)
+    assert summary["aa"]["pgd20_same_images_metrics"]["totals"] == [2, 2, 2, 2]
+    assert [name for name, _m in eval_rows(summary)] == ["pgd20", "aa", AA_PGD20]
+
+
+@pytest.mark.slow
+def test_autoattack_is_at_most_pgd20_on_the_same_images_for_a_trained_model():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        for b in range(0, 1400, 200):
+            loss = nn.functional.cross_entropy(model(x[b:b + 200]), y[b:b + 200])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    ev = evaluate(model, x[1400:1600], y[1400:1600], num_classes=10, attacks=("clean", "pgd20", "aa"), eps=0.05,
+                  step_size=0.0125, steps=20, aa_subset=100, device="cpu")
+    m = eval_summary(ev.correct, ev.totals, ev.subset_totals, ev.aa_pgd20)
+    assert m["clean"]["mean"] > 0.8 and m["aa"]["pgd20_same_images"] > 0.05  # a trained model, not broken by PGD
+    assert m["aa"]["mean"] <= m["aa"]["pgd20_same_images"]
 
 
 def _mlp_problem() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

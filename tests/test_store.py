@@ -49,7 +49,7 @@ def sample_events() -> list[events.Event]:
                                lr=0.1),
         events.Evaluated(epoch=1, correct={"clean": np.array([3, 2, 0]), "aa": np.array([1, 1, 0])},
                          totals=np.array([4, 2, 0]), subset_totals={"aa": np.array([2, 1, 0])}, final=True,
-                         wall_s=1.25),
+                         wall_s=1.25, aa_pgd20=np.array([2, 1, 0])),
         events.EpochFinished(epoch=1, wall_s=2.5, phase_s={"synthesis": 1.0, "evaluation": 0.5}),
         events.CheckpointSaved(epoch=1, path="checkpoints/epoch-001.pt"),
         events.RunFinished(epoch=2, wall_s=3.0, student_path="student.pt"),

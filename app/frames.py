@@ -105,6 +105,25 @@ def progress(events: Sequence[ev.Event]) -> tuple[int, int, float | None]:
     return epoch, total, per_epoch * (total - epoch)
 
 
+def current_stage(events: Sequence[ev.Event]) -> ev.StageProgress | None:
+    """The stage (teacher training, an evaluation's attacks) running now: its latest StageProgress, unless the
+    stage is complete, RunStarted / Evaluated ended it, or the run ended."""
+    stage = None
+    for e in events:
+        if isinstance(e, ev.StageProgress):
+            stage = e
+        elif isinstance(e, ev.RunStarted | ev.Evaluated) or e.kind in ev.TERMINAL:
+            stage = None
+    return stage if stage is not None and stage.step < stage.total_steps else None
+
+
+def stage_text(stage: ev.StageProgress) -> str:
+    """One line for a progress bar: what runs and how far, e.g. "Evaluation, epoch 3: PGD-20 (2 of 7)"."""
+    if stage.stage == "teacher":
+        return f"Teacher: {stage.label} · epoch {stage.step} of {stage.total_steps} done"
+    return f"Evaluation, epoch {stage.epoch}: {stage.label} ({stage.step + 1} of {stage.total_steps})"
+
+
 def warnings(events: Sequence[ev.Event]) -> list[str]:
     """Messages of the run's RunWarning events that are not about synthesis, in order. Synthesis warnings mark
     the first bad batch, which later batches may have left behind: `synthesis_warnings` says how it is now."""

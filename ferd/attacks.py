@@ -113,14 +113,33 @@ def isolated_rng(seed: int) -> Iterator[None]:
         yield
 
 
+AA_STAGES = {"apgd": "APGD-CE", "apgd_targeted": "APGD-T", "fab": "FAB-T", "square": "Square"}
+"""AutoAttack's (standard) sub-attacks in the order they run: the adversary's attribute -> display label."""
+
+
+def _report_sub_attacks(adversary: AutoAttack, on_stage: Callable[[str], None]) -> None:
+    """Call `on_stage(label)` when each of the adversary's sub-attacks starts (its first batch)."""
+    for attr, label in AA_STAGES.items():
+        attack = getattr(adversary, attr)
+        perturb = attack.perturb
+
+        def announced(*args: object, _perturb: Callable = perturb, _label: str = label, **kwargs: object):
+            on_stage(_label)
+            return _perturb(*args, **kwargs)
+
+        attack.perturb = announced
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, device: str | torch.device,
-               version: str = "standard", batch_size: int = 256, seed: int = 0) -> torch.Tensor:
+               version: str = "standard", batch_size: int = 256, seed: int = 0,
+               on_stage: Callable[[str], None] | None = None) -> torch.Tensor:
     """AutoAttack (Croce & Hein 2020), L-inf, inputs in [0,1], from the reference implementation (`pyautoattack`).
 
     `standard` runs APGD-CE, APGD-T, FAB-T and Square and keeps, per sample, the first adversarial example
     that fools the model (x itself where none does). Batches of `batch_size` run on `device` (where the model
     must live); the result is on x's device. AutoAttack reseeds torch's global generators with `seed`: they
     are restored on exit. With fewer than 10 classes the targeted attacks use every other class as a target.
+    `on_stage(label)` is called with an `AA_STAGES` label before each batch of a sub-attack.
     """
     x = x.detach()
     y = y.detach()
@@ -129,6 +148,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         with attack_mode(model), isolated_rng(seed):
             adversary = AutoAttack(model, device=device, eps=eps, norm="Linf", seed=seed, version=version)
             adversary.verbose = False
+            if on_stage is not None:
+                _report_sub_attacks(adversary, on_stage)
             with torch.no_grad():
                 num_classes = model(x[:1].to(device)).shape[1]
             for attack in (adversary.apgd_targeted, adversary.fab):

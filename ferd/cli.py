@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ferd import experiments
 from ferd.config import Config, ConfigError, load, load_preset, preset_names
 from ferd.data import DataError
-from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning
+from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
 from ferd.store import RunStore, StoreError
 from ferd.teachers import TeacherError
 
@@ -72,10 +72,25 @@ class Progress:
         self.bar = tqdm(total=total_epochs, desc=label, unit="epoch", disable=quiet, leave=True,
                         file=sys.stderr, dynamic_ncols=True)
         self.quiet = quiet
+        self.teacher_bar: tqdm | None = None
+
+    def _stage(self, ev: StageProgress) -> None:
+        """Teacher training gets its own bar (above the epochs'); an evaluation's attacks go in the postfix."""
+        if ev.stage == "teacher":
+            if self.teacher_bar is None:
+                self.teacher_bar = tqdm(total=ev.total_steps, desc=f"teacher: {ev.label}", unit="epoch",
+                                        disable=self.quiet, leave=True, file=sys.stderr, dynamic_ncols=True)
+            self.teacher_bar.update(ev.step - self.teacher_bar.n)
+            if ev.step >= ev.total_steps:
+                self.teacher_bar.close()
+        elif ev.step < ev.total_steps:
+            self.bar.set_postfix_str(f"eval: {ev.label} ({ev.step + 1}/{ev.total_steps})")
 
     def __call__(self, ev: Event) -> None:
         kind = ev.kind
-        if kind == "epoch_finished":
+        if isinstance(ev, StageProgress):
+            self._stage(ev)
+        elif kind == "epoch_finished":
             self.bar.update(ev.epoch - self.bar.n)
         elif kind == "student_progress" and ev.step == ev.total_steps:
             self.bar.set_postfix(loss=f"{ev.losses['total']:.3f}", refresh=False)
@@ -93,6 +108,8 @@ class Progress:
         elif isinstance(ev, RunStopped):
             tqdm.write(f"run stopped: {ev.reason}", file=sys.stderr)
         if kind in ("run_finished", "run_stopped", "run_failed"):
+            if self.teacher_bar is not None:
+                self.teacher_bar.close()
             self.bar.close()
 
 

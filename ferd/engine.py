@@ -13,7 +13,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +24,13 @@ import torch.nn.functional as F
 
 from ferd import atomic
 from ferd.augment import augment
+from ferd.background import pumped
 from ferd.config import Config, ConfigError, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
 from ferd.diagnostics import synthesis_problems
 from ferd.distillation import adversarial_predictions, student_loss, training_attack
-from ferd.evaluation import Interrupted, evaluate
+from ferd.evaluation import Evaluation, Interrupted, evaluate
 from ferd.events import (
     AttackTargets,
     CheckpointSaved,
@@ -45,6 +46,7 @@ from ferd.events import (
     RunStopped,
     RunWarning,
     SamplesSynthesised,
+    StageProgress,
     StudentProgress,
 )
 from ferd.feature_split import split_teacher_features
@@ -53,11 +55,12 @@ from ferd.models import Generator as ImageGenerator
 from ferd.models import create_model
 from ferd.reweighting import class_scores, class_weights, teacher_margins
 from ferd.synthesis import NonFiniteLoss, Synthesizer
-from ferd.teachers import TeacherError, load_teacher
+from ferd.teachers import TeacherError, load_teacher, will_train
 
 CHECKPOINT = "checkpoint.pt"
 STUDENT = "student.pt"
 EXPECTED_ERRORS = (ConfigError, DataError, TeacherError, NonFiniteLoss, FileNotFoundError)
+TEACHER_STAGE = "training the embedded teacher (first use only)"
 
 
 class Stopped(Exception):
@@ -139,12 +142,21 @@ def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path
 def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
          epoch_box: list[int]) -> Iterator[Event]:
     t_start = time.perf_counter()
+    if will_train(cfg):  # at once: loading the data before the first epoch ends takes seconds
+        yield StageProgress(epoch=0, stage="teacher", step=0, total_steps=cfg.teacher_epochs, label=TEACHER_STAGE)
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
     c = info.num_classes
-    # Training the embedded teacher on first use takes minutes: a stop request ends it after its epoch.
-    teacher, tinfo = load_teacher(cfg, device, progress=lambda _epoch, _total: _check_stop(stop))
+    # Training the embedded teacher on first use takes minutes: a stage (before RunStarted), stoppable per epoch.
+    def teacher_work(emit: Callable[[Event], None]) -> tuple:
+        def progress(done: int, total: int) -> None:
+            emit(StageProgress(epoch=0, stage="teacher", step=done, total_steps=total, label=TEACHER_STAGE))
+            _check_stop(stop)
+
+        return load_teacher(cfg, device, progress=progress)
+
+    teacher, tinfo = yield from pumped(teacher_work)
     x_test, y_test = test_split(cfg.dataset, cfg.data_root)
     # Seeded after the teacher: training it on first use must not change what this run does.
     seed_everything(cfg.seed)
@@ -195,11 +207,7 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 t = time.perf_counter()
                 final = epoch == cfg.epochs
-                result = evaluate(student, x_test, y_test, num_classes=c,
-                                  attacks=cfg.final_attacks if final else cfg.eval_attacks, eps=cfg.eps,
-                                  step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
-                                  batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device,
-                                  seed=cfg.seed, should_stop=stop.is_set)
+                result = yield from _evaluate(cfg, student, x_test, y_test, c, device, stop, epoch, final)
                 phase["evaluation"] = time.perf_counter() - t
                 yield Evaluated(epoch=epoch, correct=result.correct, totals=result.totals,
                                 subset_totals=result.subset_totals, final=final, wall_s=phase["evaluation"],
@@ -315,6 +323,23 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
                               losses={k: float(getattr(loss, k).detach()) for k in ("total", "nat", "rob")})
     yield AttackTargets(epoch=epoch, counts=counts, source="train")
+
+
+def _evaluate(cfg: Config, student: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, c: int, device: torch.device,
+              stop: threading.Event, epoch: int, final: bool) -> Generator[Event, None, Evaluation]:
+    """Phase D: the evaluation's attacks on the real test split, yielding a StageProgress per unit of work."""
+
+    def work(emit: Callable[[Event], None]) -> Evaluation:
+        def progress(label: str, done: int, total: int) -> None:
+            emit(StageProgress(epoch=epoch, stage="evaluation", step=done, total_steps=total, label=label))
+
+        attacks = cfg.final_attacks if final else cfg.eval_attacks
+        return evaluate(student, x_test, y_test, num_classes=c, attacks=attacks, eps=cfg.eps,
+                        step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
+                        batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device, seed=cfg.seed,
+                        should_stop=stop.is_set, progress=progress)
+
+    return (yield from pumped(work))
 
 
 def _save_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer,

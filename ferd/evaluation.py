@@ -17,10 +17,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ferd.attacks import ATTACKS, attack_mode, get_attack, isolated_rng
+from ferd.attacks import AA_STAGES, ATTACKS, attack_mode, autoattack, get_attack, isolated_rng
 from ferd.metrics import ClassMetrics, class_metrics, class_totals, correct_counts, target_counts
 
 CLEAN = "clean"
+Progress = Callable[[str, int, int], None]
+"""progress(label, units done, units in all): one unit per batch of each batched attack, one per AutoAttack
+sub-attack; the label names the attack running now."""
 
 
 class Interrupted(Exception):
@@ -82,7 +85,7 @@ def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes: int, attacks: Sequence[str],
              eps: float, step_size: float, steps: int = 20, kappa: float = 50.0, batch_size: int = 256,
              aa_subset: int = 0, device: str | torch.device, seed: int = 0,
-             should_stop: Callable[[], bool] | None = None) -> Evaluation:
+             should_stop: Callable[[], bool] | None = None, progress: Progress | None = None) -> Evaluation:
     """Per-class accuracy of `model` (already on `device`) on (x, y) in [0,1] under each of `attacks`.
 
     attacks: names from ("clean", "fgsm", "pgd20", "cw", "aa"); PGD-20 and CW use `steps` steps of `step_size`.
@@ -90,6 +93,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
     its per-class totals in `subset_totals`; with "pgd20" too, `aa_pgd20` holds PGD-20's counts on those images.
     Random starts are seeded from `seed`; the global RNG is restored.
     Raises `Interrupted` (with the model's mode, flags and the RNG restored) once `should_stop()` is true.
+    `progress` (see `Progress`) is called before each unit of work and once at the end.
     """
     unknown = [a for a in attacks if a != CLEAN and a not in ATTACKS]
     if unknown:
@@ -103,6 +107,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
     batched = [a for a in attacks if a not in (CLEAN, "aa")]
     settings = dict(eps=eps, step_size=step_size, steps=steps, kappa=kappa, device=device, seed=seed)
     subset_totals: dict[str, np.ndarray] = {}
+    units = -(-len(x) // batch_size) * len(batched) + (len(AA_STAGES) if "aa" in attacks else 0)
+    done = [0]
+
+    def report(label: str) -> None:
+        if progress is not None:
+            progress(label, done[0], units)
+        done[0] += 1
+
     with attack_mode(model), isolated_rng(seed), _interruptible(model, should_stop):
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(device)
@@ -111,6 +123,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
             if CLEAN in attacks:
                 correct[CLEAN] += correct_counts(_predict(model, xb), yb_np, num_classes)
             for name in batched:
+                report(ATTACKS[name].label)
                 pred = _predict(model, get_attack(name)(model, xb, yb, **settings))
                 correct[name] += correct_counts(pred, yb_np, num_classes)
                 if name == "pgd20":
@@ -122,12 +135,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
                 idx = stratified_subset(y_np, aa_subset, num_classes)
                 subset_totals["aa"] = class_totals(y_np[idx], num_classes)
             rows = torch.from_numpy(idx).to(x.device)
-            x_adv = get_attack("aa")(model, x[rows], y[rows], **settings)
+            seen: set[str] = set()
+
+            def aa_stage(label: str) -> None:  # called per batch: one unit per sub-attack
+                if label not in seen:
+                    seen.add(label)
+                    report(f"AutoAttack: {label}")
+
+            x_adv = autoattack(model, x[rows], y[rows], eps=eps, device=device, seed=seed, on_stage=aa_stage)
             preds = np.concatenate([_predict(model, x_adv[s:s + batch_size].to(device))
                                     for s in range(0, len(idx), batch_size)])
             correct["aa"] = correct_counts(preds, y_np[idx], num_classes)
             if "pgd20" in attacks:
                 aa_pgd20 = correct_counts(pgd_pred[idx], y_np[idx], num_classes)
+    if progress is not None and units:
+        progress("done", units, units)
     return Evaluation(correct=correct, totals=totals, subset_totals=subset_totals, pgd_targets=pgd_targets,
                       aa_pgd20=aa_pgd20)
 

@@ -36,6 +36,21 @@ class RunStarted(Event):
 
 
 @dataclass(frozen=True)
+class StageProgress(Event):
+    """Progress of a long stage outside the epoch's step events: training the embedded teacher on first use
+    (stage `teacher`, epoch 0, before RunStarted) and the evaluations' attacks (stage `evaluation`)."""
+
+    kind: ClassVar[str] = "stage_progress"
+    stage: str
+    """`teacher` or `evaluation`."""
+    step: int
+    """Units done so far (0 = the stage just began)."""
+    total_steps: int
+    label: str
+    """What runs now, e.g. "training the embedded teacher" or "PGD-20" / "AutoAttack: APGD-T"."""
+
+
+@dataclass(frozen=True)
 class EpochStarted(Event):
     kind: ClassVar[str] = "epoch_started"
     total_epochs: int
@@ -165,7 +180,7 @@ class RunWarning(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     t.kind: t
-    for t in (RunStarted, EpochStarted, GeneratorProgress, SamplesSynthesised, ClassWeightsUpdated,
+    for t in (RunStarted, StageProgress, EpochStarted, GeneratorProgress, SamplesSynthesised, ClassWeightsUpdated,
               AttackTargets, StudentProgress, Evaluated, EpochFinished, CheckpointSaved, RunFinished,
               RunStopped, RunFailed, RunWarning)
 }

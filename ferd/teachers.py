@@ -247,6 +247,14 @@ def _load_cached(path: Path, sidecar: Path, arch: str, device: torch.device) -> 
     return model, teacher_info
 
 
+def will_train(cfg: Config) -> bool:
+    """True when `load_teacher(cfg)` will train the embedded teacher: digits, no checkpoint, nothing cached yet."""
+    if cfg.teacher_checkpoint or cfg.dataset != "digits":
+        return False
+    path = cache_dir() / "teachers" / f"{embedded_key(cfg.teacher_arch, cfg.teacher_epochs)}.pt"
+    return not (path.is_file() and path.with_suffix(".json").is_file())
+
+
 def load_teacher(cfg: Config, device: torch.device,
                  progress: Progress | None = None) -> tuple[nn.Module, TeacherInfo]:
     """The run's frozen teacher: from cfg.teacher_checkpoint, else (digits only) the cached embedded teacher,

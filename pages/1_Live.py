@@ -84,7 +84,7 @@ def _epoch_slider(epochs: list[int], key: str) -> int:
     return st.select_slider("Epoch", epochs, key=key)
 
 
-PROGRESS_KINDS = ("generator_progress", "student_progress")
+PROGRESS_KINDS = ("generator_progress", "student_progress", "stage_progress")
 
 
 def _cached(name: str, key: tuple, build):
@@ -113,10 +113,15 @@ def live_view(run_id: str, alive: bool) -> None:
         st.info(f"Queued (#{job.position}): waits for the run ahead of it on the same device.")
     epoch, total, eta = frames.progress(events)
     end = frames.terminal(events)
+    stage = frames.current_stage(events)
     status = {"run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}.get(
         end.kind if end else "", "running" if events else "starting")
+    if stage is not None and stage.stage == "teacher":
+        status = "training the teacher"
     st.progress(epoch / total if total else 0.0,
                 text=f"Epoch {epoch}/{total or '?'} · {status}" + (f" · {format_eta(eta)}" if eta else ""))
+    if stage is not None:
+        st.progress(stage.step / max(stage.total_steps, 1), text=frames.stage_text(stage))
     if isinstance(end, ev.RunFailed):
         st.error(f"Run failed: {end.reason}")
     elif isinstance(end, ev.RunStopped):

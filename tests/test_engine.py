@@ -19,6 +19,7 @@ from ferd.events import (
     RunStopped,
     RunWarning,
     SamplesSynthesised,
+    StageProgress,
     StudentProgress,
 )
 from ferd.runner import execute
@@ -34,9 +35,20 @@ def final_eval(events):
 
 
 def test_event_stream_of_a_tiny_ferd_run(tiny_cfg, tmp_path):
-    events = list(engine.run(tiny_cfg, run_dir=tmp_path))
+    # (Without the teacher's stage events, there when this test trains the session's teacher.)
+    events = [e for e in engine.run(tiny_cfg, run_dir=tmp_path)
+              if not (isinstance(e, StageProgress) and e.stage == "teacher")]
     k = kinds(events)
     assert isinstance(events[0], RunStarted) and isinstance(events[-1], RunFinished), k
+    # Every evaluation reports its attacks as a stage: steps count up to the total, then Evaluated follows.
+    for e in (e for e in events if isinstance(e, Evaluated)):
+        stages = [s for s in events if isinstance(s, StageProgress) and s.epoch == e.epoch]
+        assert [s.step for s in stages] == list(range(stages[0].total_steps + 1))
+        assert events.index(stages[-1]) < events.index(e)
+        attacks = tiny_cfg.final_attacks if e.final else tiny_cfg.eval_attacks
+        labels = {"fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf"}
+        assert [s.label for s in stages[:-1]] == [labels[a] for a in attacks if a in labels] * (
+            stages[0].total_steps // sum(a in labels for a in attacks))
     assert k.count("epoch_started") == tiny_cfg.epochs
     first = k.index("epoch_started")
     assert k[first + 1] == "generator_progress"
@@ -190,8 +202,40 @@ def test_stop_during_teacher_training_ends_the_run_without_caching_a_teacher(tin
     stop = threading.Event()
     stop.set()
     events = list(engine.run(cfg, stop))
-    assert kinds(events) == ["run_stopped"]
+    assert kinds(events)[-1] == "run_stopped"
+    assert all(isinstance(e, StageProgress) and e.stage == "teacher" for e in events[:-1])
     assert not (cache_dir() / "teachers" / f"{embedded_key(cfg.teacher_arch, 3)}.pt").exists()
+
+
+def test_first_use_teacher_training_is_a_stage_before_run_started(tiny_cfg, tmp_path, monkeypatch):
+    """Training the embedded teacher reports progress at once and after each of its epochs, before RunStarted;
+    the store, the frames and run_record read such a log as before."""
+    from app import frames
+    from ferd.experiments import run_record
+    from ferd.store import RunStore
+
+    real = engine.load_teacher
+
+    def training(cfg, device, progress=None):
+        for epoch in range(1, cfg.teacher_epochs + 1):  # what train_embedded reports on first use
+            progress(epoch, cfg.teacher_epochs)
+        return real(cfg, device)
+
+    monkeypatch.setattr(engine, "will_train", lambda cfg: True)
+    monkeypatch.setattr(engine, "load_teacher", training)
+    cfg = tiny_cfg.replace(epochs=2, warmup_epochs=1)
+    with RunStore(tmp_path / "store") as store:
+        run_id = execute(cfg, store)
+        events = [e for _, e in store.events(run_id)]
+        assert store.get_run(run_id).status == "finished"
+    start = kinds(events).index("run_started")
+    teacher = events[:start]
+    assert all(isinstance(e, StageProgress) and e.stage == "teacher" and e.epoch == 0 for e in teacher)
+    assert [e.step for e in teacher] == list(range(cfg.teacher_epochs + 1))
+    assert frames.current_stage(teacher[:1]) == teacher[0]
+    assert frames.current_stage(events[:start + 1]) is None
+    assert frames.progress(events)[:2] == (2, 2)
+    assert run_record(events, run_id=run_id)["eval"]["pgd20"]["mean"] >= 0
 
 
 def test_stop_during_the_final_evaluation_ends_the_run_as_stopped(tiny_cfg, monkeypatch):

@@ -233,3 +233,22 @@ def test_should_stop_never_true_changes_nothing():
     b = _evaluate(model, x, y, eps=0.2, seed=3, should_stop=lambda: False)
     for name in FAST:
         np.testing.assert_array_equal(a.correct[name], b.correct[name])
+
+
+def test_progress_names_each_attack_per_batch_and_ends_complete():
+    x, y = _data([5, 3, 4, 2])
+    calls = []
+    _evaluate(LookupModel(constant=False), x, y, attacks=("clean", "fgsm", "pgd20"), batch_size=8,
+              progress=lambda label, done, total: calls.append((label, done, total)))
+    assert calls == [("FGSM", 0, 4), ("PGD-20", 1, 4), ("FGSM", 2, 4), ("PGD-20", 3, 4), ("done", 4, 4)]
+
+
+def test_progress_reports_autoattack_sub_attacks_in_order():
+    model, x, y = _mlp_problem()
+    calls = []
+    _evaluate(model, x, y, attacks=("clean", "aa"), eps=0.2, aa_subset=8,
+              progress=lambda label, done, total: calls.append((label, done, total)))
+    labels = [c[0] for c in calls]
+    assert labels[0] == "AutoAttack: APGD-CE" and labels[-1] == "done"
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls) and all(c[2] == 4 for c in calls)
+    assert labels[1:-1] == [f"AutoAttack: {s}" for s in ("APGD-T", "FAB-T", "Square")][:len(labels) - 2]

@@ -17,12 +17,13 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.charts import LAYOUT
+from ferd import labels
 from ferd.config import METHOD_OVERRIDES, Config, from_dict, load_preset
 from ferd.experiments import error_bars, eval_rows
 
 # Config fields that do not change what a run computes (where it ran, not what it is); ignored when
 # deciding whether two runs are seeds of the same experiment.
-_NON_EXPERIMENT_FIELDS = ("seed", "device", "num_threads", "data_root")
+_NON_EXPERIMENT_FIELDS = ("seed", "device", "num_threads", "data_root", "preset")
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
             "#bcbd22", "#7f7f7f")
 CEILING_METHOD = "real-data"
@@ -58,8 +59,9 @@ def group_labels(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 
 
 def run_label(record: Mapping[str, Any]) -> str:
-    """Short display name of one run: method, seed and the first characters of its id."""
-    return f"{record.get('method', '?')} · seed {record.get('seed', '?')} · {str(record['run_id'])[:8]}"
+    """Display name of one run: preset, method, seed, epochs and start time (`ferd.labels.run_label`)."""
+    return labels.run_label(str(record["run_id"]), {"method": record.get("method"), "seed": record.get("seed"),
+                                                    **record.get("config", {})})
 
 
 def compare_frame(records: Sequence[Mapping[str, Any]], baseline_id: str) -> pd.DataFrame:
@@ -239,26 +241,38 @@ def teacher_key(config: Mapping[str, Any]) -> tuple:
     return tuple(config.get(k) for k in ("dataset", "teacher_arch", "teacher_checkpoint", "teacher_epochs"))
 
 
-def default_selection(runs: Sequence[Any]) -> list[str]:
-    """Run ids to compare by default: the newest FERD run with a DFRD run on the same teacher and seed, the
-    other seeds of those two experiments, and a real-data run on the same teacher (the ceiling) when present.
-
-    Falls back to the two newest usable runs.
-    """
+def default_pair(runs: Sequence[Any]) -> tuple[Any, Any] | None:
+    """The newest FERD run with a DFRD run on the same teacher and seed (that DFRD run the newest such), full
+    presets before quick checks (`ferd.labels.QUICK_PRESETS`); None without such a pair."""
     usable = [r for r in runs if r.status in USABLE]
-    for ferd in (r for r in usable if r.method == "ferd"):
+    ferds = sorted((r for r in usable if r.method == "ferd"), key=lambda r: labels.is_quick(r.config))
+    for ferd in ferds:
         key = (teacher_key(ferd.config), ferd.config.get("seed"))
         dfrd = next((r for r in usable if r.method == "dfrd" and (teacher_key(r.config), r.config.get("seed")) == key),
                     None)
-        if dfrd is None:
-            continue
+        if dfrd is not None:
+            return ferd, dfrd
+    return None
+
+
+def default_selection(runs: Sequence[Any]) -> list[str]:
+    """Run ids to compare by default: the `default_pair`, the other seeds of those two experiments, and a
+    real-data run on the same teacher (the ceiling) when present.
+
+    Falls back to the two newest usable runs, full presets first.
+    """
+    usable = [r for r in runs if r.status in USABLE]
+    pair = default_pair(usable)
+    if pair is not None:
+        ferd, dfrd = pair
+        key = (teacher_key(ferd.config), ferd.config.get("seed"))
         groups = {_group_key({"method": r.method, "config": r.config}) for r in (ferd, dfrd)}
         chosen = [r for r in usable if _group_key({"method": r.method, "config": r.config}) in groups]
         ceilings = [r for r in usable if r.method == CEILING_METHOD and teacher_key(r.config) == key[0]]
         same_seed = [r for r in ceilings if r.config.get("seed") == key[1]]
         chosen += (same_seed or ceilings)[:1]
         return [r.run_id for r in chosen]
-    return [r.run_id for r in usable[:2]]
+    return [r.run_id for r in sorted(usable, key=lambda r: labels.is_quick(r.config))[:2]]
 
 
 def missing_counterparts(selected: Sequence[Any], runs: Sequence[Any]) -> list[tuple[Any, str]]:

@@ -24,9 +24,10 @@ from typing import Any
 from tqdm import tqdm
 
 from ferd import experiments
-from ferd.config import Config, ConfigError, load, load_preset, preset_names
+from ferd.config import Config, ConfigError, load, load_preset, preset_names, to_dict
 from ferd.data import DataError
 from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
+from ferd.labels import preset_of, run_label
 from ferd.store import RunStore, StoreError
 from ferd.teachers import TeacherError
 
@@ -123,7 +124,7 @@ def _print_eval(ev: dict[str, Any]) -> None:
 
 
 def _print_record(rec: dict[str, Any]) -> None:
-    print(f"\n{rec['method']} seed {rec['seed']}: run {rec['run_id']}, status {rec.get('status', '?')}, "
+    print(f"\n{run_label(rec['run_id'], rec['config'])}: run {rec['run_id']}, status {rec.get('status', '?')}, "
           f"wall {rec['wall_s'] or 0:.1f} s")
     _print_eval(rec["eval"])
     syn = rec.get("synthesis") or {}
@@ -133,16 +134,20 @@ def _print_record(rec: dict[str, Any]) -> None:
         if "fraction_of_ceiling" in syn and syn["fraction_of_ceiling"] is not None:
             line += f", PGD-20 {syn['fraction_of_ceiling']:.0%} of the real-data ceiling"
         print(line)
+    print(f"  student: {rec['student'] or '(none saved: the run did not finish)'}")
 
 
 def _run_configs(args: argparse.Namespace, configs: list[Config], names: list[str]) -> list[dict[str, Any]]:
+    """Run `configs` through the store (`names` are the runs' names, "" for none), print each record."""
     store = _store(args)
     stop = threading.Event()
     bars: dict[int, Progress] = {}
 
     def on_event(i: int, ev: Event) -> None:
         if i not in bars:
-            bars[i] = Progress(names[i], configs[i].epochs, quiet=args.quiet)
+            cfg = configs[i]
+            label = names[i] or f"{preset_of(to_dict(cfg))} {cfg.method} seed {cfg.seed}"
+            bars[i] = Progress(label, cfg.epochs, quiet=args.quiet)
         bars[i](ev)
 
     try:
@@ -170,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         records = [rec]
         _print_record(rec)
     else:
-        records = _run_configs(args, [cfg], [f"{cfg.method} seed {cfg.seed}"])
+        records = _run_configs(args, [cfg], [""])
     if args.out:
         path = experiments.write_results(Path(args.out), records, command=" ".join(sys.argv))
         print(f"results: {path}")
@@ -180,9 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     base = build_config(args)
     configs = experiments.compare_configs(base, args.methods, args.seeds)
-    names = [f"{c.method} seed {c.seed}" for c in configs]
     t0 = time.perf_counter()
-    records = _run_configs(args, configs, names)
+    records = _run_configs(args, configs, [""] * len(configs))
     wall = time.perf_counter() - t0
     out = Path(args.out)
     path = experiments.write_results(out, records, command=" ".join(sys.argv), extra={"wall_s": wall})
@@ -261,10 +265,29 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _headline(store: RunStore, run_id: str) -> str:
+    """Clean mean, PGD-20 mean and worst class of the run's last evaluation (marked when not the final one)."""
+    from ferd.metrics import class_metrics
+
+    evals = [e for _s, e in store.events(run_id, kinds=("evaluated",))]
+    if not evals:
+        return "no evaluation yet"
+    e = evals[-1]
+    parts = [f"epoch {e.epoch}{'' if e.final else ' (not final)'}"]
+    for attack, stats in (("clean", ("mean",)), ("pgd20", ("mean", "worst"))):
+        if attack in e.correct:
+            m = class_metrics(e.correct[attack], e.subset_totals.get(attack, e.totals))
+            parts += [f"{attack} {stat} {getattr(m, stat):.1%}" for stat in stats]
+    return "  ".join(parts).replace("pgd20 worst", "PGD-20 worst class").replace("pgd20", "PGD-20")
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
+    """Two lines per run, newest first: id, status and label; headline metrics and the student's path."""
     store = _store(args)
     for info in store.list_runs():
-        print(f"{info.run_id}  {info.status:11s}  {info.method:9s} seed {info.seed:<3d} {info.dataset:8s} {info.name}")
+        student = info.run_dir / "student.pt"
+        print(f"{info.run_id}  {info.status:11s}  {run_label(info.run_id, info.config, info.name)}")
+        print(f"    {_headline(store, info.run_id)}   student: {student if student.is_file() else '–'}")
     return 0
 
 
@@ -321,17 +344,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("eval", help="evaluate a saved student")
-    p.add_argument("student")
-    p.add_argument("--dataset", help="default: the dataset stored in the checkpoint")
-    p.add_argument("--data-root", default="")
-    p.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw", "aa"])
-    p.add_argument("--eps", type=float, default=0.1)
-    p.add_argument("--step-size", type=float)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--aa-subset", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="write the metrics as JSON")
+    p.add_argument("student", help="student checkpoint (student.pt of a run; `runs` lists their paths)")
+    p.add_argument("--dataset", help="test split to evaluate on (default: the dataset stored in the checkpoint)")
+    p.add_argument("--data-root", default="", help="folder of torchvision datasets (default: the user data dir)")
+    p.add_argument("--attacks", nargs="+", default=["clean", "fgsm", "pgd20", "cw", "aa"],
+                   help="attacks to run, from clean fgsm pgd20 cw aa (default: all)")
+    p.add_argument("--eps", type=float, default=0.1, help="L-inf budget, pixels in [0,1] (default: 0.1)")
+    p.add_argument("--step-size", type=float, help="PGD-20 / CW step size (default: eps / 4)")
+    p.add_argument("--steps", type=int, default=20, help="PGD and CW steps (default: 20)")
+    p.add_argument("--aa-subset", type=int, default=0,
+                   help="run AutoAttack on a stratified subset of about this many samples (default: 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts (default: 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--out", help="write the metrics as JSON to this file")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("teacher", help="train/cache the embedded teacher or inspect a checkpoint")

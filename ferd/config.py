@@ -41,6 +41,8 @@ class Config:
     """Everything a run needs. Units: pixels in [0,1]; eps and step sizes in that scale."""
 
     # --- identity ---
+    preset: str = ""
+    """Preset the run started from ('' = a config file or the defaults): a name for labels, not a setting."""
     method: str = "ferd"
     """`ferd`, `dfrd` (vanilla data-free baseline) or `real-data` (student trained on the real training split)."""
     dataset: str = "digits"
@@ -289,9 +291,8 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str, **overrides: Any) -> Config:
-    """Load assets/presets/<name>.toml, then apply overrides."""
+    """Load assets/presets/<name>.toml (its `preset` field set to `name`), then apply overrides."""
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
-    c = load(path)
-    return c.replace(**overrides) if overrides else c
+    return load(path).replace(**{"preset": name, **overrides})

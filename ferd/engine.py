@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ferd import atomic
 from ferd.augment import augment
 from ferd.background import pumped
-from ferd.config import Config, ConfigError, to_dict
+from ferd.config import Config, ConfigError, from_dict, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
 from ferd.diagnostics import synthesis_problems
@@ -359,7 +359,7 @@ def _save_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: tor
 def _load_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer,
                      synth: Synthesizer | None, state: _State, device: torch.device) -> _State:
     data = torch.load(path, map_location="cpu", weights_only=True)
-    if data["config"] != to_dict(cfg):
+    if to_dict(from_dict(data["config"])) != to_dict(cfg):  # fields added since then take their defaults
         raise ConfigError("resume: the checkpoint was written with a different config")
     student.load_state_dict(data["student"])
     optimizer.load_state_dict(data["optimizer"])

@@ -42,8 +42,8 @@ SCHEMA_VERSION = 1
 _COLUMNS = "run_id, name, created, updated, status, method, dataset, seed, config, summary, parent"
 
 # Event kind -> the run status it sets.
-_STATUS_OF_KIND = {"run_started": "running", "run_finished": "finished", "run_stopped": "stopped",
-                   "run_failed": "failed"}
+_STATUS_OF_KIND = {"stage_progress": "running", "run_started": "running", "run_finished": "finished",
+                   "run_stopped": "stopped", "run_failed": "failed"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

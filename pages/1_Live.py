@@ -8,6 +8,7 @@ from app.uploads import MAX_UPLOAD_BYTES, accept_checkpoint
 from app.widgets import config_form, default_config, format_eta
 from ferd import events as ev
 from ferd.config import ConfigError, from_dict
+from ferd.labels import run_label
 from ferd.teachers import TeacherError
 
 POLL_S = 1.0
@@ -18,7 +19,9 @@ store = get_store()
 
 st.title("Live run")
 
-with st.expander("Configure a run", expanded=True):
+# Collapsed while a run is live, so its progress and charts are in view (a new label makes a new expander).
+busy = bool(registry.alive_ids())
+with st.expander("Configure another run" if busy else "Configure a run", expanded=not busy):
     cfg = config_form(default_config(), key="live")
     upload = st.file_uploader(f"Teacher checkpoint (optional, .pt/.pth, at most {MAX_UPLOAD_BYTES // 2**20} MB)",
                               type=["pt", "pth"], key="live-teacher-upload",
@@ -35,6 +38,7 @@ with st.expander("Configure a run", expanded=True):
     name = st.text_input("Run name (optional)", key="live-name")
     if st.button("Start", type="primary", disabled=cfg is None, key="live-start"):
         st.session_state[RUN_KEY] = registry.submit(cfg, name=name)
+        st.rerun()  # redraw with the form collapsed
 
 runs = store.list_runs()
 if not runs:
@@ -48,7 +52,7 @@ if st.session_state.get(RUN_KEY) not in infos:
 def _label(run_id: str) -> str:
     """Stable while the run progresses (a selectbox keeps its selection by label); the status shows below."""
     info = infos[run_id]
-    return f"{info.name or run_id} · {info.method} · {info.dataset} · seed {info.seed}"
+    return run_label(run_id, info.config, info.name)
 
 
 pick, stop_col, resume_col = st.columns([6, 1, 1], vertical_alignment="bottom")

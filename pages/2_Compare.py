@@ -15,6 +15,7 @@ from app.analysis import (
     summary_table,
 )
 from app.state import get_registry, get_store, run_events
+from ferd import labels
 from ferd.config import ConfigError
 from ferd.experiments import ATTACK_ORDER, run_record
 
@@ -34,8 +35,7 @@ by_id = {r.run_id: r for r in runs}
 
 def _describe(run_id: str) -> str:
     r = by_id[run_id]
-    name = f"{r.name} · " if r.name else ""
-    return f"{name}{r.method} · seed {r.seed} · {r.dataset} · {r.status} · {r.run_id}"
+    return f"{labels.run_label(run_id, r.config, r.name)} · {r.status}"
 
 
 selected_ids = st.multiselect("Runs", list(by_id), default=default_selection(runs), format_func=_describe,

@@ -11,6 +11,7 @@ from app.analysis import USABLE, default_selection
 from app.embedding import PCA, collect_samples, embedding_figure, upscale_nearest
 from app.frames import class_names
 from app.state import get_store, get_umap_service, run_events
+from ferd.labels import run_label
 
 st.title("Synthesised samples")
 store = get_store()
@@ -22,8 +23,7 @@ if not runs:
 
 by_id = {r.run_id: r for r in runs}
 chosen = st.multiselect("Runs", list(by_id), default=default_selection(runs),
-                        format_func=lambda i: f"{by_id[i].name or by_id[i].method} · {by_id[i].method} · "
-                                              f"seed {by_id[i].seed} · {i}")
+                        format_func=lambda i: run_label(i, by_id[i].config, by_id[i].name))
 if not chosen:
     st.info("Pick at least one run.")
     st.stop()

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.analysis import USABLE, compare_figure, compare_frame, teacher_figure, teacher_key
+from app.analysis import USABLE, compare_figure, compare_frame, default_pair, teacher_figure, teacher_key
 from app.charts import losses_chart, synthesis_chart, targets_heatmap, weights_chart
 from app.frames import class_names, losses_frame, synthesis_frame, target_epochs, targets_matrix, weights_frame
 from app.state import get_registry, get_store, run_events
 from ferd import events as ev
 from ferd.config import ConfigError, load_preset
 from ferd.experiments import compare_configs, run_record
+from ferd.labels import run_label
 
 TEXTS = Path(__file__).resolve().parent.parent / "assets" / "learn"
 STEPS = (("1_unequal.md", "Unequal robustness"), ("2_reweighting.md", "Reweighting"), ("3_faes.md", "FAEs"),
@@ -40,8 +41,10 @@ if not runs:
 
 candidates = [r for r in runs if r.method == "ferd"] or runs
 by_id = {r.run_id: r for r in candidates}
-run_id = st.selectbox("Run shown", list(by_id), format_func=lambda i: f"{by_id[i].name or by_id[i].method} · "
-                                                                     f"{by_id[i].method} · seed {by_id[i].seed} · {i}")
+pair = default_pair(runs)  # the newest full-preset FERD run with a DFRD partner
+ids = list(by_id)
+run_id = st.selectbox("Run shown", ids, index=ids.index(pair[0].run_id) if pair else 0,
+                      format_func=lambda i: run_label(i, by_id[i].config, by_id[i].name))
 run = by_id[run_id]
 
 

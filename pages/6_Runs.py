@@ -11,6 +11,7 @@ import streamlit as st
 from app import charts, frames
 from app.png import run_png
 from app.state import get_registry, get_store, run_events
+from ferd.labels import preset_of, run_label
 from ferd.store import RunNotFound, StoreError
 
 registry = get_registry()
@@ -25,8 +26,9 @@ if not runs:
 rows = []
 for info in runs:
     h = frames.headline(run_events(info.run_id))
-    rows.append({"run": info.run_id, "name": info.name, "status": info.status, "method": info.method,
-                 "dataset": info.dataset, "seed": info.seed,
+    rows.append({"run": info.run_id, "name": info.name, "status": info.status, "preset": preset_of(info.config),
+                 "method": info.method, "dataset": info.dataset, "seed": info.seed,
+                 "epochs": info.config.get("epochs"),
                  "created": datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M"),
                  "clean": h.get("clean_mean"), "PGD-20 mean": h.get("pgd20_mean"),
                  "PGD-20 worst": h.get("pgd20_worst"), "NSD": h.get("pgd20_nsd")})
@@ -37,7 +39,7 @@ st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
 
 infos = {r.run_id: r for r in runs}
 run_id = st.selectbox("Run", list(infos), key="runs-pick",
-                      format_func=lambda i: f"{infos[i].name or i} · {infos[i].method} · seed {infos[i].seed}")
+                      format_func=lambda i: run_label(i, infos[i].config, infos[i].name))
 info = infos[run_id]
 events = run_events(run_id)
 

@@ -207,3 +207,11 @@ def test_error_bars_are_mean_plus_minus_std_with_the_lower_bar_stopping_at_zero(
     worst, _nsd = ablation_figure(table, "w_uni").data
     assert list(worst.error_y.arrayminus) == pytest.approx([1.3])
     assert list(worst.error_y.array) == pytest.approx([4.4])
+
+
+def test_default_selection_prefers_a_full_preset_pair_to_a_newer_smoke_pair():
+    runs = [Info("f-smoke", "ferd", 0, preset="smoke"), Info("d-smoke", "dfrd", 0, preset="smoke"),
+            Info("f-full", "ferd", 0, preset="digits"), Info("d-full", "dfrd", 0, preset="digits")]
+    assert default_selection(runs) == ["f-full", "d-full"]
+    # With smoke runs only, the smoke pair is still the answer.
+    assert default_selection(runs[:2]) == ["f-smoke", "d-smoke"]

@@ -96,3 +96,28 @@ def test_the_library_never_imports_streamlit():
     code = ("import sys, ferd, ferd.cli, ferd.engine, ferd.experiments, ferd.bench, ferd.runner, ferd.store; "
             "sys.exit('streamlit' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_runs_lists_labels_headline_metrics_and_student_paths(tmp_path, capsys):
+    from ferd.labels import run_label
+    from ferd.store import RunStore
+    from tests.fakes import populate_store
+
+    with RunStore(tmp_path) as store:
+        ids = populate_store(store, methods=("ferd",), seeds=(4,))
+        info = store.get_run(ids[0])
+        (info.run_dir / "student.pt").write_bytes(b"")
+    assert main(["--store", str(tmp_path), "runs"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(ids[0]) and out[0].endswith(run_label(ids[0], info.config))
+    assert "seed 4" in out[0] and "ferd" in out[0]
+    assert "PGD-20 mean" in out[1] and "PGD-20 worst class" in out[1]
+    assert out[1].endswith(f"student: {info.run_dir / 'student.pt'}")
+
+
+def test_every_option_of_eval_has_a_description():
+    from ferd.cli import make_parser
+
+    sub = next(a for a in make_parser()._actions if a.dest == "command")
+    actions = [a for a in sub.choices["eval"]._actions if a.dest != "help"]
+    assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]

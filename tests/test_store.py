@@ -56,6 +56,7 @@ def sample_events() -> list[events.Event]:
         events.RunStopped(epoch=1, reason="stopped by the user"),
         events.RunFailed(epoch=1, reason="loss is NaN", detail="Traceback ..."),
         events.RunWarning(epoch=1, message="teacher accuracy is low"),
+        events.StageProgress(epoch=0, stage="teacher", step=1, total_steps=2, label="training the teacher"),
     ]
 
 
@@ -382,3 +383,10 @@ def test_interrupted_write_keeps_old_file(tmp_path: Path, monkeypatch: pytest.Mo
         atomic.save_torch(target, {"f": lambda: 0})
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["config.toml"]
+
+
+def test_a_stage_before_run_started_marks_the_run_running(store: RunStore) -> None:
+    """Training the teacher on first use comes before RunStarted: the run is running from its first stage."""
+    r = store.create_run(CFG)
+    store.append(r, events.StageProgress(epoch=0, stage="teacher", step=0, total_steps=2, label="teacher"))
+    assert store.get_run(r).status == "running"

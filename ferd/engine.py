@@ -142,18 +142,17 @@ def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path
 def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
          epoch_box: list[int]) -> Iterator[Event]:
     t_start = time.perf_counter()
-    if will_train(cfg):  # at once: loading the data before the first epoch ends takes seconds
+    # Training the embedded teacher on first use: a stage before RunStarted, announced at once, stoppable per epoch.
+    if will_train(cfg):
         yield StageProgress(epoch=0, stage="teacher", step=0, total_steps=cfg.teacher_epochs, label=TEACHER_STAGE)
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
     c = info.num_classes
-    # Training the embedded teacher on first use takes minutes: a stage (before RunStarted), stoppable per epoch.
     def teacher_work(emit: Callable[[Event], None]) -> tuple:
         def progress(done: int, total: int) -> None:
             emit(StageProgress(epoch=0, stage="teacher", step=done, total_steps=total, label=TEACHER_STAGE))
             _check_stop(stop)
-
         return load_teacher(cfg, device, progress=progress)
 
     teacher, tinfo = yield from pumped(teacher_work)
@@ -332,7 +331,6 @@ def _evaluate(cfg: Config, student: nn.Module, x_test: torch.Tensor, y_test: tor
     def work(emit: Callable[[Event], None]) -> Evaluation:
         def progress(label: str, done: int, total: int) -> None:
             emit(StageProgress(epoch=epoch, stage="evaluation", step=done, total_steps=total, label=label))
-
         attacks = cfg.final_attacks if final else cfg.eval_attacks
         return evaluate(student, x_test, y_test, num_classes=c, attacks=attacks, eps=cfg.eps,
                         step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,

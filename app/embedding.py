@@ -10,14 +10,16 @@ samples are projected into a fitted map (`transform`) so existing points do not 
 from __future__ import annotations
 
 import atexit
-import multiprocessing
+import sys
 import threading
+import types
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import umap_worker
-from app.charts import LAYOUT, class_colors
+from app.charts import LAYOUT
+from app.colors import class_colors
 from ferd.events import Event, SamplesSynthesised
 
 # The one process-wide global: numba-compiled UMAP code is not safe to run from two threads at once
@@ -36,6 +39,31 @@ _UMAP_LOCK = threading.Lock()
 PCA = "PCA"
 UMAP = "UMAP"
 _SYMBOLS = ("circle", "diamond", "square", "x", "triangle-up", "cross")
+
+
+class _WorkerProcess(SpawnProcess):
+    """A spawned process that does not re-run the parent's `__main__` script.
+
+    Spawn makes the child import the parent's main module (`sys.modules["__main__"].__file__`) before the work
+    starts. Under `streamlit run` that is the app script (Streamlit installs it as `__main__` while it runs), so
+    the worker would execute app/main.py outside any script run: st.* calls logging "missing ScriptRunContext"
+    and the app's resources (job registry, store) created in the worker. The preparation data is taken while
+    `start()` runs, so a placeholder main module without a file is installed for just that call.
+    """
+
+    def start(self) -> None:
+        real = sys.modules.get("__main__")
+        placeholder = types.ModuleType("__main__")
+        sys.modules["__main__"] = placeholder
+        try:
+            super().start()
+        finally:
+            if sys.modules.get("__main__") is placeholder:  # a script run may have installed its own meanwhile
+                sys.modules["__main__"] = real
+
+
+class _WorkerContext(SpawnContext):
+    Process = _WorkerProcess
 
 
 def _flat(features: np.ndarray, dtype: type) -> np.ndarray:
@@ -99,7 +127,7 @@ class UmapService:
             if not self.isolate:
                 return fn(*args)
             if self._executor is None:
-                self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                self._executor = ProcessPoolExecutor(max_workers=1, mp_context=_WorkerContext())
             return self._executor.submit(fn, *args).result()
 
     def close(self) -> None:
@@ -187,8 +215,10 @@ def embedding_figure(coords: np.ndarray, labels: Sequence[int], method_labels: S
                      ids: Sequence[int], *, class_names: Sequence[str] | None = None) -> go.Figure:
     """Scatter (WebGL) of a 2-D map: colour = class, symbol = run/method, customdata = sample id.
 
-    One trace per (method, class) so the legend toggles either; `ids` index the caller's sample table, and come
-    back in a plotly selection's `customdata` (hover and lasso show the images).
+    Each method draws its classes from its own palette (`app.colors.CLASS_PALETTES`, in order of appearance)
+    and with its own marker symbol, so no colour stands for a class of two methods. One trace per (method,
+    class), grouped per method in the legend, so either can be toggled; `ids` index the caller's sample table and
+    come back in a plotly selection's `customdata` (hover and lasso show the images).
     """
     coords = np.asarray(coords, dtype=float)
     labels = np.asarray(labels)
@@ -197,21 +227,21 @@ def embedding_figure(coords: np.ndarray, labels: Sequence[int], method_labels: S
     if not (len(coords) == len(labels) == len(methods) == len(ids)):
         raise ValueError("coords, labels, method_labels and ids must have the same length")
     names = list(class_names) if class_names is not None else [str(c) for c in sorted(set(labels.tolist()))]
-    colors = class_colors(max(len(names), int(labels.max()) + 1 if len(labels) else 0))
+    num_classes = max(len(names), int(labels.max()) + 1 if len(labels) else 0)
     fig = go.Figure()
     for m_i, method in enumerate(dict.fromkeys(methods.tolist())):
+        colors = class_colors(num_classes, palette=m_i)
         for c in sorted(set(labels[methods == method].tolist())):
             sel = (methods == method) & (labels == c)
             name = names[c] if isinstance(c, (int, np.integer)) and 0 <= c < len(names) else str(c)
             fig.add_trace(go.Scattergl(
                 x=coords[sel, 0], y=coords[sel, 1], mode="markers", name=f"{method} · {name}",
-                legendgroup=str(method), customdata=ids[sel],
+                legendgroup=str(method), legendgrouptitle_text=str(method).upper(), customdata=ids[sel],
                 marker={"color": colors[int(c)], "symbol": _SYMBOLS[m_i % len(_SYMBOLS)],
-                        "size": 8, "opacity": 0.8, "line": {"width": 0.5, "color": "white"}},
+                        "size": 8, "opacity": 0.85, "line": {"width": 0.5, "color": "#333333"}},
                 hovertemplate=f"{method}<br>class {name}<br>sample %{{customdata}}<extra></extra>"))
     fig.update_layout(xaxis={"showticklabels": False, "title": ""}, yaxis={"showticklabels": False, "title": ""},
-                      legend_title_text="method · class", dragmode="lasso", height=520,
-                      **LAYOUT)
+                      legend={"groupclick": "toggleitem"}, dragmode="lasso", height=520, **LAYOUT)
     return fig
 
 

@@ -31,6 +31,12 @@ def class_names(events: Sequence[ev.Event]) -> list[str]:
     return list(started[-1].class_names) if started else []
 
 
+def reweighting(events: Sequence[ev.Event]) -> bool:
+    """Whether the run reweights classes (its config's `reweight`; DFRD and real-data runs do not)."""
+    started = _of(events, ev.RunStarted)
+    return bool(started[-1].config.get("reweight", True)) if started else True
+
+
 def weights_frame(events: Sequence[ev.Event]) -> pd.DataFrame:
     """One row per (epoch, class): sampling proportion pi and robustness score r."""
     rows = [{"epoch": e.epoch, "class": c, "weight": float(w), "score": float(s)}

@@ -26,7 +26,9 @@ PAGES = (
     ("6_Runs.py", "Runs", ":material/history:"),
 )
 
-st.set_page_config(page_title="FERD Studio", layout="wide")
+# A page icon of our own: without one the browser tab shows the current page's material icon, which the
+# Streamlit frontend loads from fonts.gstatic.com (an emoji is drawn from a data: URI, nothing is fetched).
+st.set_page_config(page_title="FERD Studio", page_icon="🛡️", layout="wide")
 pages = [st.Page(ROOT / "pages" / file, title=title, icon=icon, default=i == 0)
          for i, (file, title, icon) in enumerate(PAGES) if (ROOT / "pages" / file).is_file()]
 navigation = st.navigation(pages)

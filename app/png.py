@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from app import frames
-from app.charts import class_colors
+from app.colors import class_colors
 from ferd import events as ev
 
 DPI = 110

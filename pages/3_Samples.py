@@ -1,7 +1,8 @@
 """Samples: the synthesised images by class and epoch, and a 2-D map of their teacher features.
 
-Nothing here polls: the gallery and the interactive map stay outside any fragment (media references are
-not released on fragment reruns, and a rerun every few seconds would reset the lasso selection).
+The gallery and the interactive map stay outside any fragment (media references are not released on fragment
+reruns, and a rerun every few seconds would reset the lasso selection). Only while UMAP warms up does a small
+fragment poll the service, and it reruns the page once when UMAP is ready, so the map replaces PCA by itself.
 """
 
 import numpy as np
@@ -12,6 +13,8 @@ from app.embedding import PCA, collect_samples, embedding_figure, upscale_neares
 from app.frames import class_names
 from app.state import get_store, get_umap_service, run_events
 from ferd.labels import run_label
+
+UMAP_POLL_S = 1.0
 
 st.title("Synthesised samples")
 store = get_store()
@@ -48,6 +51,13 @@ shown_classes = st.multiselect("Classes", all_classes, default=all_classes,
                                format_func=lambda c: names[c] if c < len(names) else str(c))
 
 
+@st.fragment(run_every=UMAP_POLL_S)
+def wait_for_umap(service) -> None:
+    """Polls until the UMAP service is warm (or has failed), then reruns the page to draw the UMAP map."""
+    if service.ready or service.error:
+        st.rerun()
+
+
 def _class_name(c: int) -> str:
     return names[c] if c < len(names) else str(c)
 
@@ -79,8 +89,11 @@ sub = samples.table[samples.table.epoch <= upto]
 service = get_umap_service()
 coords, method = service.embed(samples.features[sub["id"].to_numpy()], key=tuple(chosen))
 if method == PCA:
-    st.caption(f"PCA of the samples of epochs ≤ {upto}. " + (service.error or "UMAP is warming up; "
-               "press Refresh in a moment for the UMAP map."))
+    st.caption(f"PCA of the samples of epochs ≤ {upto}. " + (
+        service.error or ("UMAP is warming up; the map switches to UMAP by itself when it is ready."
+                          if len(sub) >= service.min_samples else "Too few samples for UMAP yet.")))
+    if not service.error and not service.ready and len(sub) >= service.min_samples:
+        wait_for_umap(service)
 else:
     st.caption(f"UMAP of the samples of epochs ≤ {upto}; later samples are projected into the fitted map.")
 visible = sub["cls"].isin(shown_classes).to_numpy()

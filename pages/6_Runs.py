@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app import charts, frames
+from app import frames
+from app.export import run_charts_html
 from app.png import run_png
 from app.state import get_registry, get_store, run_events
 from ferd.labels import preset_of, run_label
@@ -51,14 +52,8 @@ with files_col:
     st.subheader("Downloads")
     st.download_button("Metrics (CSV)", store.metrics_csv(run_id), file_name=f"{run_id}-metrics.csv",
                        mime="text/csv", key="runs-csv")
-    names = frames.class_names(events) or None
-    figures = [charts.weights_chart(frames.weights_frame(events), names),
-               charts.accuracy_chart(frames.accuracy_frame(events), "pgd20", names),
-               charts.synthesis_chart(frames.synthesis_frame(events)),
-               charts.losses_chart(frames.losses_frame(events))]
-    html = "".join(fig.to_html(full_html=False, include_plotlyjs="cdn" if i == 0 else False)
-                   for i, fig in enumerate(figures))
-    st.download_button("Charts (HTML)", f"<html><body>{html}</body></html>", file_name=f"{run_id}-charts.html",
+    # Built on click, like the PNG: the file carries plotly.js inline (about 4.7 MB) so it opens offline.
+    st.download_button("Charts (HTML)", partial(run_charts_html, events), file_name=f"{run_id}-charts.html",
                        mime="text/html", key="runs-html")
     # Rendered on click (in a separate thread), not on every rerun of the page.
     st.download_button("Charts (PNG)", partial(run_png, events), file_name=f"{run_id}-charts.png",

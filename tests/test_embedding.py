@@ -169,7 +169,7 @@ def test_a_dead_worker_leaves_pca_and_says_why():
     assert "worker stopped" in svc.error and not svc.ready
 
 
-def test_embedding_figure_colours_by_class_symbols_by_method():
+def test_embedding_figure_colours_by_class_per_method_palette_and_symbols_by_method():
     coords = np.arange(12, dtype=float).reshape(6, 2)
     fig = embedding_figure(coords, [0, 1, 0, 1, 2, 2], ["ferd", "ferd", "dfrd", "dfrd", "ferd", "dfrd"],
                            [10, 11, 12, 13, 14, 15], class_names=["zero", "one", "two"])
@@ -177,8 +177,12 @@ def test_embedding_figure_colours_by_class_symbols_by_method():
     by_name = {t.name: t for t in fig.data}
     assert set(by_name) == {"ferd · zero", "ferd · one", "ferd · two", "dfrd · zero", "dfrd · one", "dfrd · two"}
     assert list(by_name["dfrd · zero"].customdata) == [12]
-    assert by_name["ferd · zero"].marker.color == by_name["dfrd · zero"].marker.color
+    ferd = {by_name[f"ferd · {n}"].marker.color for n in ("zero", "one", "two")}
+    dfrd = {by_name[f"dfrd · {n}"].marker.color for n in ("zero", "one", "two")}
+    assert len(ferd) == len(dfrd) == 3 and not ferd & dfrd  # a class colour within a method, none shared
+    assert {by_name[f"ferd · {n}"].marker.symbol for n in ("zero", "one", "two")} == {"circle"}
     assert by_name["ferd · zero"].marker.symbol != by_name["dfrd · zero"].marker.symbol
+    assert by_name["dfrd · one"].legendgroup == "dfrd"
     with pytest.raises(ValueError):
         embedding_figure(coords, [0], ["ferd"], [0])
 

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.charts import LAYOUT
+from app.colors import method_color, method_shades
 from ferd import labels
 from ferd.config import METHOD_OVERRIDES, Config, from_dict, load_preset
 from ferd.experiments import error_bars, eval_rows
@@ -24,8 +25,6 @@ from ferd.experiments import error_bars, eval_rows
 # Config fields that do not change what a run computes (where it ran, not what it is); ignored when
 # deciding whether two runs are seeds of the same experiment.
 _NON_EXPERIMENT_FIELDS = ("seed", "device", "num_threads", "data_root", "preset")
-_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
-            "#bcbd22", "#7f7f7f")
 CEILING_METHOD = "real-data"
 
 
@@ -110,8 +109,16 @@ def compare_figure(frame: pd.DataFrame, attack: str, *, by_group: bool = False) 
         raise ValueError(f"no results for attack {attack!r}")
     fig = go.Figure()
     key = "group" if by_group else "label"
-    for i, (name, part) in enumerate(sub.groupby(key, sort=False)):
-        color = _PALETTE[i % len(_PALETTE)]
+    series = list(sub.groupby(key, sort=False))
+    # The method's colour for every series of that method (app.colors); several series of one method
+    # (seeds, or groups with other settings) get lighter shades of it.
+    of_method: dict[str, list[str]] = {}
+    for name, part in series:
+        of_method.setdefault(part["method"].iloc[0], []).append(name)
+    shade = {name: color for method, names in of_method.items()
+             for name, color in zip(names, method_shades(method, len(names)), strict=True)}
+    for name, part in series:
+        color = shade[name]
         if by_group:
             part = part.groupby("cls", as_index=False).agg(acc=("group_mean", "first"), std=("group_std", "first"),
                                                            delta=("delta", "mean"), n=("group_n", "first"),
@@ -187,30 +194,34 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
     return frame.set_index("run") if not frame.empty else frame
 
 
-def ablation_figure(table: pd.DataFrame, param: str) -> go.Figure:
-    """Worst-class PGD-20 accuracy and PGD-20 NSD against the swept parameter, with ± std error bars.
+def ablation_figure(table: pd.DataFrame, param: str, *, method: str = "ferd") -> go.Figure:
+    """Worst-class PGD-20 accuracy (%) and PGD-20 NSD against the swept parameter, with ± std error bars, in the
+    method's colour; both y-axes start at 0 (accuracy up to at least 100 %).
 
     `table` is `ferd.experiments.ablation_table(records, param)`.
     """
     if table.empty:
         raise ValueError("no finished runs in the ablation yet")
     t = table.sort_values("value")
+    color = method_color(method)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("worst-class PGD-20 accuracy (higher is fairer)",
                                                         "PGD-20 NSD (lower is fairer)"))
     worst_lo, worst_hi = error_bars(t["pgd20_worst"], t["pgd20_worst_std"])
     nsd_lo, nsd_hi = error_bars(t["pgd20_nsd"], t["pgd20_nsd_std"])
     fig.add_trace(go.Scatter(x=t["value"], y=t["pgd20_worst"] * 100, mode="lines+markers", name="worst class",
+                             line={"color": color},
                              error_y={"type": "data", "symmetric": False, "array": worst_hi * 100,
                                       "arrayminus": worst_lo * 100},
                              customdata=t["n"], hovertemplate=f"{param}=%{{x}}<br>worst %{{y:.1f}}%"
                                                               "<br>runs %{customdata}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=t["value"], y=t["pgd20_nsd"], mode="lines+markers", name="NSD",
+    fig.add_trace(go.Scatter(x=t["value"], y=t["pgd20_nsd"], mode="lines+markers", name="NSD", line={"color": color},
                              error_y={"type": "data", "symmetric": False, "array": nsd_hi, "arrayminus": nsd_lo},
                              customdata=t["n"], hovertemplate=f"{param}=%{{x}}<br>NSD %{{y:.3f}}"
                                                               "<br>runs %{customdata}<extra></extra>"), row=1, col=2)
+    nsd_top = float(np.nanmax(t["pgd20_nsd"] + np.nan_to_num(nsd_hi))) if len(t) else 0.0
     fig.update_xaxes(title_text=param)
-    fig.update_yaxes(title_text="accuracy (%)", row=1, col=1)
-    fig.update_yaxes(title_text="NSD", row=1, col=2)
+    fig.update_yaxes(title_text="accuracy (%)", range=[0, 100], row=1, col=1)
+    fig.update_yaxes(title_text="NSD", range=[0, max(nsd_top * 1.1, 0.1)], row=1, col=2)
     fig.update_layout(showlegend=False, **LAYOUT)
     return fig
 

@@ -143,8 +143,8 @@ def live_view(run_id: str, alive: bool) -> None:
 
     names = frames.class_names(events) or None
     left, right = st.columns(2)
-    left.plotly_chart(_cached("weights", version, lambda: charts.weights_chart(frames.weights_frame(events), names)),
-                      key="live-weights")
+    left.plotly_chart(_cached("weights", version, lambda: charts.weights_chart(
+        frames.weights_frame(events), names, reweight=frames.reweighting(events))), key="live-weights")
     with right:
         acc = _cached("accuracy-frame", version, lambda: frames.accuracy_frame(events))
         attacks = list(dict.fromkeys(acc["attack"])) or ["pgd20"]

@@ -9,7 +9,15 @@ import streamlit as st
 
 from app.analysis import USABLE, compare_figure, compare_frame, default_pair, teacher_figure, teacher_key
 from app.charts import losses_chart, synthesis_chart, targets_heatmap, weights_chart
-from app.frames import class_names, losses_frame, synthesis_frame, target_epochs, targets_matrix, weights_frame
+from app.frames import (
+    class_names,
+    losses_frame,
+    reweighting,
+    synthesis_frame,
+    target_epochs,
+    targets_matrix,
+    weights_frame,
+)
 from app.state import get_registry, get_store, run_events
 from ferd import events as ev
 from ferd.config import ConfigError, load_preset
@@ -87,7 +95,7 @@ if step == 0:
     except ValueError as e:
         st.info(f"{e}.")
 elif step == 1:
-    st.plotly_chart(weights_chart(weights_frame(events), names), key="learn-weights")
+    st.plotly_chart(weights_chart(weights_frame(events), names, reweight=reweighting(events)), key="learn-weights")
 elif step == 2:
     st.plotly_chart(synthesis_chart(synthesis_frame(events)), key="learn-synthesis")
     losses = losses_frame(events)

@@ -114,34 +114,57 @@ def test_samples_gallery_and_map(app_env):
 
 
 # ---- Ablation ----
-def test_ablation_queues_grid_and_plots_it(app_env):
+def test_ablation_sliders_queue_a_grid_and_plot_it(app_env):
     store = RunStore(app_env)
     at = page("4_Ablation.py").run()
     assert not at.exception
-    assert at.selectbox[1].value == "w_uni" and at.text_input[0].value == "0, 1, 2, 5, 10"
-    assert "No ablation runs over `w_uni`" in texts(at.info)
-    at.text_input[0].set_value("0, 2").run()
+    assert at.selectbox[1].value == "w_uni" and not at.text_input  # every numeric knob is a slider
+    assert [s.label for s in at.slider] == ["Epochs per run", "Seeds per value"]
+    assert at.select_slider[0].value == (0.0, 10.0)
+    assert "No runs of this grid yet" in texts(at.info)
+    at.slider[0].set_value(3).run()
+    at.select_slider[0].set_value((0.0, 0.5)).run()
+    assert "2 run(s): w_uni ∈ {0, 0.5} × seeds 0–0, 3 epochs each" in texts(at.caption)
     at.button[0].click().run()
     assert not at.exception and "Queued 2 run(s)" in texts(at.success)
     runs = wait_ended(store, 2)
-    assert sorted(r.name for r in runs) == ["ablate w_uni=0 seed 0", "ablate w_uni=2 seed 0"]
-    assert sorted(r.config["w_uni"] for r in runs) == [0.0, 2.0]
+    assert sorted(r.name for r in runs) == ["ablate w_uni=0 seed 0", "ablate w_uni=0.5 seed 0"]
+    assert sorted((r.config["w_uni"], r.config["epochs"]) for r in runs) == [(0.0, 3), (0.5, 3)]
     at.run()
     assert not at.exception
     assert len(at.get("plotly_chart")) == 1
     assert "| w_uni | n |" in texts(at.markdown)
-    at.text_input[0].set_value("0, 2, 5").run()
+    at.select_slider[0].set_value((0.0, 1.0)).run()
     at.button[0].click().run()
     assert "Queued 1 run(s). Skipped 2 already in the grid." in texts(at.success)
     assert len(wait_ended(store, 3)) == 3
 
 
-def test_ablation_rejects_bad_values():
+def test_ablation_after_a_reload_shows_the_grid_of_the_form_not_the_last_one_queued(app_env):
+    store = RunStore(app_env)
     at = page("4_Ablation.py").run()
-    at.text_input[0].set_value("0, lots").run()
-    assert not at.exception
-    assert "values: expected numbers" in texts(at.error)
-    assert at.button[0].disabled
+    at.slider[0].set_value(3).run()
+    at.select_slider[0].set_value((0.0, 0.5)).run()
+    at.button[0].click().run()
+    wait_ended(store, 2)
+    reloaded = page("4_Ablation.py").run()  # a new session: the form is back at its defaults (30 epochs)
+    assert not reloaded.exception
+    assert "No runs of this grid yet" in texts(reloaded.info) and not reloaded.get("plotly_chart")
+    reloaded.slider[0].set_value(3).run()  # the same grid as queued: its runs (a subset of it) show
+    assert "2 of 6 runs of this grid ended" in " ".join(str(p.proto.text) for p in reloaded.get("progress"))
+    assert len(reloaded.get("plotly_chart")) == 1
+
+
+def test_ablation_sweeps_lambda_u_and_w_bn_and_epochs(app_env):
+    at = page("4_Ablation.py").run()
+    for param, shown in (("utae_weight", "λ_u"), ("w_bn", "w_bn")):
+        at.selectbox[1].set_value(param).run()
+        assert not at.exception and shown in at.subheader[0].value
+        low, high = at.select_slider[0].options[0], at.select_slider[0].options[-1]
+        assert float(low) == 0.0 and float(high) >= 10.0
+    at.selectbox[1].set_value("epochs").run()
+    assert [s.label for s in at.slider] == ["Seeds per value"]  # the grid itself sets the epochs
+    assert not at.exception and at.button[0].disabled is False
 
 
 # ---- Learn ----

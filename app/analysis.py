@@ -176,7 +176,8 @@ def summary_table(records: Sequence[Mapping[str, Any]], *, by_group: bool = Fals
 
 
 def format_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Display form of `summary_table`: one row per label, "mean ± std" strings (percent; NSD as a ratio)."""
+    """Display form of `summary_table`: one row per (run label, attack), indexed so, with "mean ± std" strings
+    (percent; NSD as a ratio). Long rather than wide, so the table fits the page with five attacks."""
 
     def fmt(v: float, s: float, *, pct: bool) -> str:
         scale, unit, nd = (100, "%", 1) if pct else (1, "", 3)
@@ -184,14 +185,11 @@ def format_summary(table: pd.DataFrame) -> pd.DataFrame:
             return f"{v * scale:.{nd}f} ± {s * scale:.{nd}f}{unit}"
         return f"{v * scale:.{nd}f}{unit}"
 
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    for row in table.itertuples(index=False):
-        cell = out.setdefault((row.label, row.method), {"runs": str(row.n)})
-        cell[f"{row.attack} mean"] = fmt(row.mean, row.mean_std, pct=True)
-        cell[f"{row.attack} worst"] = fmt(row.worst, row.worst_std, pct=True)
-        cell[f"{row.attack} NSD"] = fmt(row.nsd, row.nsd_std, pct=False)
-    frame = pd.DataFrame([{"run": label, "method": method, **cells} for (label, method), cells in out.items()])
-    return frame.set_index("run") if not frame.empty else frame
+    rows = [{"run": row.label, "attack": row.attack, "method": row.method, "runs": str(row.n),
+             "mean": fmt(row.mean, row.mean_std, pct=True), "worst class": fmt(row.worst, row.worst_std, pct=True),
+             "NSD": fmt(row.nsd, row.nsd_std, pct=False)} for row in table.itertuples(index=False)]
+    frame = pd.DataFrame(rows)
+    return frame.set_index(["run", "attack"]) if not frame.empty else frame
 
 
 def ablation_figure(table: pd.DataFrame, param: str, *, method: str = "ferd") -> go.Figure:

@@ -51,19 +51,22 @@ def _accuracy_bars(ax: Axes, events: Sequence[ev.Event], names: list[str]) -> No
     x = np.arange(num_classes)
     for i, attack in enumerate(attacks):
         rows = last[last["attack"] == attack].sort_values("class")
-        ax.bar(rows["class"].to_numpy() - 0.4 + (i + 0.5) * width, rows["accuracy"].to_numpy(), width,
+        ax.bar(rows["class"].to_numpy() - 0.4 + (i + 0.5) * width, rows["accuracy"].to_numpy() * 100, width,
                label=attack)
     ax.set_xticks(x, names or [str(c) for c in x])
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 100)
     ax.set_xlabel("class")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Per-class accuracy, epoch {int(last['epoch'].iloc[0])}", fontsize=10)
     ax.legend(fontsize=7, ncol=len(attacks), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
 
 
 def _weights_lines(ax: Axes, events: Sequence[ev.Event], names: list[str]) -> None:
-    """Class-sampling proportions pi per epoch, one line per class (the dashboard's class colours)."""
+    """Class-sampling proportions pi per epoch in %, one line per class (the dashboard's class colours)."""
     w = frames.weights_frame(events)
+    if not frames.reweighting(events):
+        _placeholder(ax, "Class weights π", "reweighting is off for this run")
+        return
     if w.empty:
         _placeholder(ax, "Class weights π", "no class weights yet")
         return
@@ -71,10 +74,11 @@ def _weights_lines(ax: Axes, events: Sequence[ev.Event], names: list[str]) -> No
     colors = class_colors(num_classes)
     for c, rows in w.groupby("class"):
         label = names[c] if c < len(names) else str(c)
-        ax.plot(rows["epoch"], rows["weight"], marker="o", markersize=3, color=_rgb(colors[int(c)]), label=label)
+        ax.plot(rows["epoch"], rows["weight"] * 100, marker="o", markersize=3, color=_rgb(colors[int(c)]), label=label)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("π")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("share of samples π (%)")
     ax.set_title("Class weights π", fontsize=10)
     ax.legend(fontsize=7, ncol=min(num_classes, 5), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
 
@@ -83,10 +87,11 @@ def _synthesis_lines(ax: Axes, s: pd.DataFrame) -> None:
     """Teacher accuracy and confidence on the kept synthetic batch and the robust-mask fraction, per epoch."""
     for column, label in (("teacher_acc", "teacher accuracy on x*"), ("teacher_conf", "teacher confidence"),
                           ("robust_fraction", "robust fraction")):
-        values = s[column].to_numpy(dtype=float)
+        values = s[column].to_numpy(dtype=float) * 100
         if np.isfinite(values).any():
             ax.plot(s["epoch"], values, marker="o", markersize=3, label=label)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Synthesis diagnostics", fontsize=10)

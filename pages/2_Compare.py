@@ -100,4 +100,4 @@ for tab, attack in zip(st.tabs(ordered), ordered, strict=True):
 
 st.subheader("Summary")
 st.caption("Mean and worst-class accuracy (%), NSD = std / mean over classes (lower is fairer).")
-st.dataframe(format_summary(summary_table(records, by_group=pooled)))
+st.dataframe(format_summary(summary_table(records, by_group=pooled)), width="stretch")

@@ -15,8 +15,10 @@ from app.state import get_store, get_umap_service, run_events
 from ferd.labels import run_label
 
 UMAP_POLL_S = 1.0
+PIXELATED_CSS = '[data-testid="stImage"] img { image-rendering: pixelated; }'
 
 st.title("Synthesised samples")
+st.html(f"<style>{PIXELATED_CSS}</style>")
 store = get_store()
 runs = [r for r in store.list_runs() if r.status in USABLE and r.method in ("ferd", "dfrd")]
 if not runs:
@@ -66,9 +68,10 @@ def _gallery(rows) -> None:
     if rows.empty:
         st.caption("No samples.")
         return
-    st.image(list(upscale_nearest(samples.images[rows["id"].to_numpy()])),
-             caption=[f"{_class_name(c)} → {_class_name(p)}" for c, p in zip(rows["cls"], rows["pred"], strict=True)],
-             width=64)
+    thumbs = upscale_nearest(samples.images[rows["id"].to_numpy()])
+    # Shown at exactly the upscaled width (no browser resampling of it), and pixelated if the screen scales it.
+    st.image(list(thumbs), width=int(thumbs.shape[2]),
+             caption=[f"{_class_name(c)} → {_class_name(p)}" for c, p in zip(rows["cls"], rows["pred"], strict=True)])
 
 
 st.subheader(f"Gallery, epoch {epoch}")

@@ -33,10 +33,16 @@ for info in runs:
                  "created": datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M"),
                  "clean": h.get("clean_mean"), "PGD-20 mean": h.get("pgd20_mean"),
                  "PGD-20 worst": h.get("pgd20_worst"), "NSD": h.get("pgd20_nsd")})
-percent = st.column_config.NumberColumn(format="percent")
-st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+# Metric columns sized to their content and a fixed width for NSD (the last column), so the table fits the page
+# without clipping it, however long the run names are.
+percent = st.column_config.NumberColumn(format="%.1f%%", width="small")
+frame = pd.DataFrame(rows)
+for column in ("clean", "PGD-20 mean", "PGD-20 worst"):
+    frame[column] = pd.to_numeric(frame[column]) * 100
+st.dataframe(frame, hide_index=True, width="stretch",
              column_config={"clean": percent, "PGD-20 mean": percent, "PGD-20 worst": percent,
-                            "NSD": st.column_config.NumberColumn(format="%.3f")})
+                            "NSD": st.column_config.NumberColumn(format="%.3f", width=70),
+                            "name": st.column_config.TextColumn(width="medium")})
 
 infos = {r.run_id: r for r in runs}
 run_id = st.selectbox("Run", list(infos), key="runs-pick",

@@ -122,9 +122,10 @@ def test_summary_table_per_run_and_per_group(records):
     assert ferd.worst == pytest.approx(0.3)
     assert ferd.worst_std == pytest.approx(np.std([0.4, 0.2], ddof=1))
     shown = format_summary(grouped)
-    assert "±" in shown.loc["ferd", "pgd20 worst"]
-    assert "±" not in shown.loc["dfrd", "pgd20 worst"]
-    assert shown.loc["dfrd", "pgd20 worst"] == "10.0%"
+    assert "±" in shown.loc[("ferd", "pgd20"), "worst class"]
+    assert "±" not in shown.loc[("dfrd", "pgd20"), "worst class"]
+    assert shown.loc[("dfrd", "pgd20"), "worst class"] == "10.0%"
+    assert list(shown.columns) == ["method", "runs", "mean", "worst class", "NSD"]  # narrow: fits the page
 
 
 def test_ablation_figure_plots_worst_and_nsd_with_error_bars():

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,12 +82,10 @@ def _stop(proc: subprocess.Popen) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
-    """`streamlit run app/main.py` on a fresh store with the real engine; checks a clean exit on teardown."""
-    work = tmp_path_factory.mktemp("e2e-server")
-    home = work / "ferd-home"
-    home.mkdir()
+@contextmanager
+def serve(home: Path, work: Path) -> Iterator[AppServer]:
+    """`streamlit run app/main.py` on the run store `home` with the real engine, output under `work`; on exit
+    stops it and checks a clean exit."""
     port = _free_port()
     server = AppServer(url=f"http://127.0.0.1:{port}", home=home, stdout=work / "stdout.log",
                        stderr=work / "stderr.log")
@@ -107,6 +106,16 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     crashes = [m for m in CRASH_MARKERS if m in stderr]
     assert not crashes, f"streamlit did not exit cleanly ({crashes}, rc={proc.returncode}):\n{stderr}"
     assert proc.returncode in (0, -signal.SIGTERM), f"streamlit exited with {proc.returncode}:\n{stderr}"
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    """`streamlit run app/main.py` on a fresh store with the real engine; checks a clean exit on teardown."""
+    work = tmp_path_factory.mktemp("e2e-server")
+    home = work / "ferd-home"
+    home.mkdir()
+    with serve(home, work) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

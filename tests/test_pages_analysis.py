@@ -67,8 +67,8 @@ def test_compare_renders_ferd_dfrd_ceiling_with_seeds(app_env):
     assert len(at.tabs) == 5 and at.tabs[0].label == "pgd20"
     assert len(at.get("plotly_chart")) == 5
     summary = at.dataframe[0].value
-    assert set(summary.index) == {"ferd", "dfrd", "real-data"}
-    assert "±" in summary.loc["ferd", "pgd20 worst"]
+    assert set(summary.index.get_level_values("run")) == {"ferd", "dfrd", "real-data"}
+    assert "±" in summary.loc[("ferd", "pgd20"), "worst class"]
     assert not any(b.label == "Launch missing counterpart" for b in at.button)
 
 

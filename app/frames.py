@@ -94,15 +94,13 @@ def progress(events: Sequence[ev.Event]) -> tuple[int, int, float | None]:
             total = e.total_epochs
         elif isinstance(e, ev.RunStarted) and not total:
             total = int(e.config.get("epochs", 0))
-    started = _of(events, ev.RunStarted)
-    first_epoch = started[-1].resumed_from if started else 0
+    # wall_s restarts with a resumed run: time only the epochs after the last start (RunResumed marks a
+    # resume; logs written before it existed carry a second RunStarted with resumed_from instead).
+    starts = [i for i, e in enumerate(events) if isinstance(e, (ev.RunStarted, ev.RunResumed))]
+    last = events[starts[-1]] if starts else None
+    first_epoch = last.resumed_from if isinstance(last, ev.RunStarted) else (last.epoch if last else 0)
     finished = _of(events, ev.EpochFinished)
-    if started:
-        # wall_s restarts with a resumed run: time only the epochs after the last RunStarted.
-        last_start = max(i for i, e in enumerate(events) if isinstance(e, ev.RunStarted))
-        finished_here = [e for e in events[last_start:] if isinstance(e, ev.EpochFinished)]
-    else:
-        finished_here = finished
+    finished_here = [e for e in events[starts[-1]:] if isinstance(e, ev.EpochFinished)] if starts else finished
     epoch = finished[-1].epoch if finished else 0
     done = any(e.kind in ev.TERMINAL for e in events)
     if done or not finished_here or epoch >= total:

@@ -3,6 +3,8 @@
 Plain Python (no Streamlit): a job is a daemon thread calling `ferd.runner.execute` with its own stop
 event. Every event goes to the run store (so nothing is lost) and to the job's in-memory list, which
 pages poll while the job is alive. Queued jobs wait in submission order; `stop` works on them too.
+This process holds the lease (ferd.leases) of every run it queues or runs: another process's run is never
+resumed here (RunOwned), and a config that cannot run here is refused before a run row exists.
 """
 
 from __future__ import annotations
@@ -86,7 +88,13 @@ class JobRegistry:
 
     # ---- control ----
     def submit(self, cfg: Config, *, name: str = "", resume_run_id: str | None = None) -> str:
-        """Queue a run (a new one, or `resume_run_id` from its last checkpoint); returns its run id at once."""
+        """Queue a run (a new one, or `resume_run_id` from its last checkpoint); returns its run id at once.
+
+        ConfigError if the config cannot run here (ferd.preflight); RunOwned if another live process
+        writes `resume_run_id`."""
+        from ferd.preflight import check_runnable  # imports torch: only when a run is submitted
+
+        check_runnable(cfg)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job registry is shut down")
@@ -96,6 +104,7 @@ class JobRegistry:
                 info = self.store.get_run(resume_run_id)
                 run_id = resume_run_id
                 name = name or info.name
+                self.store.acquire(run_id)
                 self.store.set_status(run_id, "queued")
             else:
                 run_id = self.store.create_run(cfg, name=name, status="queued")
@@ -178,6 +187,7 @@ class JobRegistry:
         job.status = "stopped"
         job.events = None
         self.store.append(job.run_id, ev.RunStopped(epoch=0, reason=reason))  # sets the stored status
+        self.store.release(job.run_id)
 
     def _schedule_locked(self) -> None:
         if self._closed:
@@ -228,11 +238,18 @@ class JobRegistry:
                 with self._lock:
                     job.status = "failed"
         finally:
+            self._release(job.run_id)
             with self._lock:
                 if job.status in ACTIVE:
                     job.status = self._store_status(job.run_id)
                 job.events = None
                 self._schedule_locked()
+
+    def _release(self, run_id: str) -> None:
+        try:
+            self.store.release(run_id)
+        except Exception:  # noqa: BLE001 - an unreachable store: the lease lapses by its timeout
+            return
 
     def _store_status(self, run_id: str) -> str:
         try:

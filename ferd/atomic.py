@@ -1,18 +1,28 @@
 """Atomic file writes: write a temp file in the target's folder, fsync it, then os.replace.
 
 A reader (or a crash) sees either the old file or the complete new one, never a torn write.
-The temp file lives in the same folder so the final rename never crosses a filesystem.
+The temp file lives in the same folder so the final rename never crosses a filesystem. A full disk
+raises DiskFull ("no space left on device while writing <path>") and leaves the old file as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+class DiskFull(OSError):
+    """ENOSPC while writing a file atomically (the target keeps its old content)."""
+
+    def __str__(self) -> str:
+        return f"no space left on device while writing {self.filename}"
 
 
 @contextlib.contextmanager
@@ -30,9 +40,11 @@ def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, DiskFull):
+            raise DiskFull(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     _fsync_dir(path.parent)
 
@@ -66,9 +78,13 @@ def write_json(path: str | Path, obj: Any) -> None:
 def save_torch(path: str | Path, obj: Any) -> None:
     """torch.save, written atomically (a checkpoint is never half-written).
 
-    torch is imported here, not at module level, so the run store stays importable without it.
+    Serialised in memory first, so a write error (a full disk) surfaces as that OSError, not as torch's
+    inline_container error. torch is imported here, not at module level, so the run store stays
+    importable without it.
     """
     import torch
 
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     with atomic_file(path) as f:
-        torch.save(obj, f)
+        f.write(buf.getbuffer())

@@ -7,31 +7,66 @@
   teacher   train/cache the embedded teacher (or load a checkpoint) and print its per-class robustness
   runs      list stored runs;  export  zip a stored run
   bench     time each phase of an epoch and peak memory on this machine
+
+Exit codes: 0 done; 1 a run did not finish, or a bug (with its traceback); 2 a user error (one line naming
+the file, field or run id); 130 / 143 stopped by SIGINT / SIGTERM (the run is stored as `stopped`, resumable).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from ferd import experiments
-from ferd.config import Config, ConfigError, load, load_preset, preset_names, to_dict
+from ferd.config import EVAL_ATTACKS, Config, ConfigError, load, load_preset, preset_names, to_dict
 from ferd.data import DataError
 from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
+from ferd.experiments import RunError
 from ferd.labels import preset_of, run_label
-from ferd.store import RunStore, StoreError
+from ferd.store import ACTIVE, RunNotFound, RunOwned, RunStore, StoreError
 from ferd.teachers import TeacherError
+from ferd.weights import WeightsError
 
 EXIT_USAGE = 2
+USER_ERRORS = (ConfigError, DataError, TeacherError, StoreError, WeightsError, RunNotFound, OSError)
+"""What exits 2 with one line: bad input, not a bug (OSError: a path the user gave, a full disk)."""
+
+
+class Signals:
+    """While active, SIGINT and SIGTERM set `stop`: the engine ends the run as `stopped` (resumable) within
+    a step, then the CLI exits 128 + the signal number. A second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.stop.set()
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
 
 
 def _parse_value(text: str) -> Any:
@@ -139,8 +174,13 @@ def _print_record(rec: dict[str, Any]) -> None:
 
 def _run_configs(args: argparse.Namespace, configs: list[Config], names: list[str]) -> list[dict[str, Any]]:
     """Run `configs` through the store (`names` are the runs' names, "" for none), print each record."""
+
+    from ferd.preflight import check_runnable
+
+    for cfg in configs:  # every config, before the first run is stored
+        check_runnable(cfg)
     store = _store(args)
-    stop = threading.Event()
+    stop = args.stop
     bars: dict[int, Progress] = {}
 
     def on_event(i: int, ev: Event) -> None:
@@ -167,8 +207,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ferd.runner import execute
 
         info = store.get_run(args.resume)
+        if info.status in ACTIVE:  # a live process owns it (a dead owner reads as interrupted)
+            raise RunOwned(info.run_id, info.owner)
         bar = Progress(f"resume {args.resume}", int(info.config["epochs"]), quiet=args.quiet)
-        run_id = execute(cfg, store, run_id=args.resume, resume=True, on_event=bar)
+        run_id = execute(cfg, store, run_id=args.resume, resume=True, on_event=bar, stop=args.stop)
         events = [ev for _s, ev in store.events(run_id)]
         rec = experiments.run_record(events, run_id=run_id)
         rec["status"] = store.get_run(run_id).status
@@ -218,17 +260,20 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from ferd.data import dataset_info, test_split
+    from ferd.data import DATASETS, dataset_info, test_split
     from ferd.device import resolve_device
     from ferd.engine import load_student
     from ferd.evaluation import evaluate
+    from ferd.weights import read_weights
 
-    device = resolve_device(args.device)
-    meta = torch.load(args.student, map_location="cpu", weights_only=True) if Path(args.student).is_file() else {}
-    dataset = args.dataset or meta.get("dataset", "digits")
+    _check_eval_args(args, DATASETS)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise ConfigError(f"--device: {e}") from e
     model = load_student(args.student, device)
+    meta = read_weights(args.student)
+    dataset = args.dataset or meta.get("dataset", "digits")
     x, y = test_split(dataset, args.data_root)
     t0 = time.perf_counter()
     result = evaluate(model, x.to(device), y.to(device), num_classes=dataset_info(dataset).num_classes,
@@ -240,6 +285,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"student": args.student, "eps": args.eps, "eval": out}, indent=1))
     return 0
+
+
+def _check_eval_args(args: argparse.Namespace, datasets: Collection[str]) -> None:
+    """eval's numeric options and names, before anything is loaded (ConfigError names the option)."""
+    if not 0 < args.eps <= 1:
+        raise ConfigError(f"--eps: must be in (0, 1] (pixels are in [0,1]), got {args.eps}")
+    if args.step_size is not None and not 0 < args.step_size <= args.eps:
+        raise ConfigError(f"--step-size: must be in (0, eps={args.eps}], got {args.step_size}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
+    if args.aa_subset < 0:
+        raise ConfigError(f"--aa-subset: must be >= 0, got {args.aa_subset}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed: must be in [0, 2**32), got {args.seed}")
+    bad = [a for a in args.attacks if a not in EVAL_ATTACKS]
+    if bad:
+        raise ConfigError(f"--attacks: unknown {bad}; choose from {', '.join(EVAL_ATTACKS)}")
+    if args.dataset is not None and args.dataset not in datasets:
+        raise ConfigError(f"--dataset: unknown {args.dataset!r}; choose one of {', '.join(datasets)}")
 
 
 def cmd_teacher(args: argparse.Namespace) -> int:
@@ -380,11 +444,25 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    signals = Signals()
+    args.stop = signals.stop
     try:
-        return args.func(args)
-    except (ConfigError, DataError, TeacherError, StoreError, FileNotFoundError, KeyError, ValueError) as e:
+        with signals:
+            code = args.func(args)
+    except BrokenPipeError:  # `runs | head -1`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if e.bug else EXIT_USAGE
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal: the run's lease lapses and readers show it interrupted
         print("interrupted", file=sys.stderr)
         return 130
+    if signals.signum is not None:
+        name = signal.Signals(signals.signum).name
+        print(f"stopped by {name}; resume with `python -m ferd run --resume RUN_ID`", file=sys.stderr)
+        return 128 + signals.signum
+    return code

@@ -23,6 +23,7 @@ MASK_RULES = ("per-channel", "batch-max")
 GENERATOR_RESETS = ("epoch", "never")
 STUDENT_LOSSES = ("rslad", "reference-code")
 EVAL_ATTACKS = ("clean", "fgsm", "pgd20", "cw", "aa")
+SEED_LIMIT = 2**32
 
 # What each method switches off on top of a preset (METHOD.md §2-6). `ferd` keeps the preset's values.
 METHOD_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -50,7 +51,7 @@ class Config:
     data_root: str = ""
     """Folder for torchvision datasets / Tiny-ImageNet ('' = the user data dir)."""
     seed: int = 0
-    """Seed for torch, numpy and python RNGs."""
+    """Seed for torch, numpy and python RNGs (0 <= seed < 2**32, numpy's range)."""
     device: str = "auto"
     """`auto` (cuda if available, else cpu), `cpu` or `cuda[:N]`."""
     num_threads: int = 0
@@ -203,6 +204,7 @@ def validate(c: Config) -> None:
     for name in ("warmup_epochs", "student_steps", "reweight_steps", "train_attack_steps", "aa_subset",
                  "thumbnails", "num_threads", "seed"):
         _check(isinstance(getattr(c, name), int) and getattr(c, name) >= 0, name, "must be an integer >= 0")
+    _check(c.seed < SEED_LIMIT, "seed", f"must be below 2**32 = {SEED_LIMIT} (numpy's seed range), got {c.seed}")
     _check(c.warmup_epochs < c.epochs or c.method == "real-data", "warmup_epochs",
            f"must be smaller than epochs ({c.epochs}), or no student is ever trained")
     for name in ("w_bn", "w_oh", "w_adv", "w_uni", "utae_weight", "w_nat", "w_rob", "split_beta",
@@ -234,6 +236,8 @@ def to_dict(c: Config) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> Config:
     """Build a Config from a flat mapping; unknown keys and wrongly typed values raise ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a table of fields, got {type(d).__name__}")
     unknown = sorted(set(d) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
@@ -278,12 +282,23 @@ def load(path: str | Path) -> Config:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (byte {e.start} is not UTF-8); expected TOML or JSON") from e
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from e
     try:
         data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{p}: cannot parse: {e}") from e
-    return from_dict(data)
+    if not isinstance(data, dict):
+        got = "null" if data is None else type(data).__name__
+        raise ConfigError(f"{p}: must hold a table of config fields, got {got}")
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from e
 
 
 def preset_names() -> list[str]:

@@ -56,10 +56,12 @@ from ferd.models import create_model
 from ferd.reweighting import class_scores, class_weights, teacher_margins
 from ferd.synthesis import NonFiniteLoss, Synthesizer
 from ferd.teachers import TeacherError, load_teacher, will_train
+from ferd.weights import WeightsError, read_weights
 
 CHECKPOINT = "checkpoint.pt"
 STUDENT = "student.pt"
-EXPECTED_ERRORS = (ConfigError, DataError, TeacherError, NonFiniteLoss, FileNotFoundError)
+EXPECTED_ERRORS = (ConfigError, DataError, TeacherError, NonFiniteLoss, FileNotFoundError, atomic.DiskFull,
+                   WeightsError)
 TEACHER_STAGE = "training the embedded teacher (first use only)"
 
 
@@ -356,7 +358,7 @@ def _save_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: tor
 
 def _load_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer,
                      synth: Synthesizer | None, state: _State, device: torch.device) -> _State:
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_weights(path)
     if to_dict(from_dict(data["config"])) != to_dict(cfg):  # fields added since then take their defaults
         raise ConfigError("resume: the checkpoint was written with a different config")
     student.load_state_dict(data["student"])
@@ -391,10 +393,23 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"student checkpoint not found: {p}")
-    data = torch.load(p, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or "arch" not in data or "state_dict" not in data:
-        raise ValueError(f"{p} is not a student checkpoint written by ferd (no 'arch'/'state_dict')")
-    model = create_model(data["arch"], num_classes=data["num_classes"], in_channels=data["in_channels"],
-                         image_size=data["image_size"])
-    model.load_state_dict(data["state_dict"])
+    data = read_weights(p)
+    keys = ("arch", "num_classes", "in_channels", "image_size", "state_dict")
+    if not isinstance(data, dict) or any(k not in data for k in keys):
+        raise WeightsError(f"{p}: not a student checkpoint written by ferd (needs {', '.join(keys)})")
+    arch, state = data["arch"], data["state_dict"]
+    try:
+        model = create_model(arch, num_classes=data["num_classes"], in_channels=data["in_channels"],
+                             image_size=data["image_size"])
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{p}: {e}") from e
+    missing = sorted(set(model.state_dict()) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise WeightsError(f"{p}: does not match architecture {arch!r}: {len(missing)} missing keys {missing[:3]}, "
+                           f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # tensor shapes
+        raise WeightsError(f"{p}: tensor shapes do not match architecture {arch!r}") from e
     return model.to(device).eval()

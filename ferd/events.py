@@ -51,6 +51,17 @@ class StageProgress(Event):
 
 
 @dataclass(frozen=True)
+class RunResumed(Event):
+    """Marks where a resumed run picked up: `epoch` is the checkpoint's epoch (the log before it is kept,
+    everything after it was dropped). Written by the runner in place of the engine's second RunStarted."""
+
+    kind: ClassVar[str] = "run_resumed"
+    time: float
+    """Epoch seconds when the resumed run started."""
+    device: str
+
+
+@dataclass(frozen=True)
 class EpochStarted(Event):
     kind: ClassVar[str] = "epoch_started"
     total_epochs: int
@@ -180,9 +191,9 @@ class RunWarning(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     t.kind: t
-    for t in (RunStarted, StageProgress, EpochStarted, GeneratorProgress, SamplesSynthesised, ClassWeightsUpdated,
-              AttackTargets, StudentProgress, Evaluated, EpochFinished, CheckpointSaved, RunFinished,
-              RunStopped, RunFailed, RunWarning)
+    for t in (RunStarted, RunResumed, StageProgress, EpochStarted, GeneratorProgress, SamplesSynthesised,
+              ClassWeightsUpdated, AttackTargets, StudentProgress, Evaluated, EpochFinished, CheckpointSaved,
+              RunFinished, RunStopped, RunFailed, RunWarning)
 }
 TERMINAL = ("run_finished", "run_stopped", "run_failed")
 

@@ -21,7 +21,7 @@ import pandas as pd
 
 from ferd import atomic
 from ferd.config import Config, ConfigError
-from ferd.events import ClassWeightsUpdated, Evaluated, Event, RunFinished, RunStarted, SamplesSynthesised
+from ferd.events import ClassWeightsUpdated, Evaluated, Event, RunFailed, RunFinished, RunStarted, SamplesSynthesised
 from ferd.metrics import class_metrics
 from ferd.runner import execute
 from ferd.store import RunStore
@@ -37,10 +37,24 @@ def _list(a: Iterable) -> list:
     return [_json_float(float(v)) for v in a]
 
 
+class RunError(ValueError):
+    """A run that failed before it started (no RunStarted): the message is the run's own failure reason."""
+
+    def __init__(self, message: str, *, bug: bool) -> None:
+        super().__init__(message)
+        self.bug = bug
+        """True when the failure came with a traceback (an unexpected error, not a user mistake)."""
+
+
 def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str = "") -> dict[str, Any]:
-    """The results.json entry of one run, from its events (the last evaluation counts)."""
+    """The results.json entry of one run, from its events (the last evaluation counts).
+
+    RunError (with the run's failure reason) when the run failed before its RunStarted event."""
     started = next((e for e in events if isinstance(e, RunStarted)), None)
     if started is None:
+        failed = next((e for e in reversed(events) if isinstance(e, RunFailed)), None)
+        if failed is not None:
+            raise RunError(f"run {run_id or '?'} failed before it started: {failed.reason}", bug=bool(failed.detail))
         raise ValueError("no RunStarted event: not a run's event log")
     cfg = started.config
     finished = next((e for e in reversed(events) if isinstance(e, RunFinished)), None)

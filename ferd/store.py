@@ -5,12 +5,14 @@ last committed transaction intact) and `<run_id>/` (config.toml, checkpoints, sa
 One RunStore is shared by the server's job threads and page reruns: a single connection guarded by a
 lock serialises calls inside the process; WAL plus a busy timeout handle a second process (the CLI).
 Run ids are validated on the way in, so no id can name a path outside the root.
+
+Ownership: the process that writes a run holds its lease (table `leases`, see ferd.leases). Readers show
+a `queued`/`running` run whose owner is gone as `interrupted`, so no status stays `running` after a crash.
+A store whose folder or database is not writable opens read-only: reads work, writes raise StoreReadOnly.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -19,31 +21,35 @@ import shutil
 import sqlite3
 import threading
 import time
-import zipfile
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import platformdirs
-import tomli_w
 
 from ferd import atomic
 from ferd import config as config_mod
 from ferd import events as ev
+from ferd.leases import HOST, Heartbeat, Owner
 
 STATUSES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
 RUN_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
 DB_NAME = "runs.db"
 BUSY_TIMEOUT_MS = 30_000
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: runs + events; 2: + leases (created on open; a run of an older store without a lease reads as
+interrupted when it was left queued or running)."""
+ACTIVE = ("queued", "running")
 _COLUMNS = "run_id, name, created, updated, status, method, dataset, seed, config, summary, parent"
+_OWNER = "pid, host, heartbeat"
 
 # Event kind -> the run status it sets.
-_STATUS_OF_KIND = {"stage_progress": "running", "run_started": "running", "run_finished": "finished",
-                   "run_stopped": "stopped", "run_failed": "failed"}
+_STATUS_OF_KIND = {"stage_progress": "running", "run_started": "running", "run_resumed": "running",
+                   "run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -67,15 +73,42 @@ CREATE TABLE IF NOT EXISTS events (
     data   TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_run_seq ON events(run_id, seq);
+CREATE TABLE IF NOT EXISTS leases (
+    run_id    TEXT PRIMARY KEY REFERENCES runs(run_id) ON DELETE CASCADE,
+    pid       INTEGER NOT NULL,
+    host      TEXT NOT NULL,
+    heartbeat REAL NOT NULL
+);
 """
 
 
 class RunNotFound(KeyError):
     """No run with this id in the store."""
 
+    def __init__(self, run_id: str, root: Path | None = None) -> None:
+        super().__init__(run_id)
+        self.run_id, self.root = run_id, root
+
+    def __str__(self) -> str:
+        where = f" {self.root}" if self.root is not None else ""
+        return f"no run with id {self.run_id!r} in the run store{where} (`python -m ferd runs` lists them)"
+
 
 class StoreError(ValueError):
     """A request the store refuses: a malformed run id, an unknown status, deleting a running run."""
+
+
+class StoreReadOnly(StoreError):
+    """A write to a store opened read-only (its folder or database is not writable)."""
+
+
+class RunOwned(StoreError):
+    """A second writer for a run whose lease another live process holds."""
+
+    def __init__(self, run_id: str, owner: Owner) -> None:
+        self.run_id, self.owner = run_id, owner
+        super().__init__(f"run {run_id} is being written by another process ({owner.describe()}, heartbeat "
+                         f"{max(time.time() - owner.heartbeat, 0):.0f} s ago); stop it there or wait for it to end")
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,9 @@ class RunInfo:
     summary: dict[str, Any] | None
     parent: str | None
     """Run this one was derived from (e.g. the run a comparison baseline belongs to)."""
+    owner: Owner | None = None
+    """The lease holder (None when no process holds the run). `status` is already `interrupted` when a
+    queued or running run's owner is gone."""
 
 
 def default_root() -> Path:
@@ -118,6 +154,32 @@ def _validate_status(status: str) -> str:
     return status
 
 
+def _owner(pid: int | None, host: str | None, heartbeat: float | None) -> Owner | None:
+    return Owner(int(pid), str(host), float(heartbeat)) if pid is not None else None
+
+
+def _gone(owner: Owner | None, now: float) -> bool:
+    """No lease, or its process is dead, or its heartbeat is stale."""
+    return owner is None or not owner.alive(now)
+
+
+def _effective_status(status: str, owner: Owner | None, now: float) -> str:
+    """A queued/running run whose owner is gone is interrupted."""
+    return "interrupted" if status in ACTIVE and _gone(owner, now) else status
+
+
+def _prepare_root(root: Path) -> bool:
+    """Create the store folder if needed; return True when it (or its database) is not writable."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"run store {root} is not a folder (point FERD_HOME or --store at a folder)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the run store folder {root}: {e.strerror or e}") from e
+    db = root / DB_NAME
+    return not (os.access(root, os.W_OK) and (not db.exists() or os.access(db, os.W_OK)))
+
+
 def _json_default(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -131,22 +193,60 @@ class RunStore:
 
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_root()
-        self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / DB_NAME
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                     check_same_thread=False)
-        self._conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.executescript(_SCHEMA)
-        self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._held: set[str] = set()
+        self._heartbeat: Heartbeat | None = None
+        self.readonly = _prepare_root(self.root)
+        """True when the store opened read-only (its folder or database is not writable)."""
+        try:
+            self._conn = self._connect_readonly() if self.readonly else self._connect()
+        except sqlite3.OperationalError as e:
+            if self.readonly or not self.db_path.exists():
+                raise StoreError(f"cannot open the run store {self.db_path}: {e}") from e
+            self.readonly = True  # e.g. read-only media that os.access does not report
+            self._conn = self._connect_readonly()
+        self._select = (f"SELECT {_COLUMNS}, {_OWNER} FROM runs LEFT JOIN leases USING (run_id)" if self._has_leases()
+                        else f"SELECT {_COLUMNS}, NULL, NULL, NULL FROM runs")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return conn
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """mode=ro first (sees a live writer's WAL); immutable=1 where WAL's shared memory cannot be created."""
+        if not self.db_path.is_file():
+            raise StoreError(f"run store {self.root} is read-only and holds no {DB_NAME} yet")
+        last: sqlite3.Error | None = None
+        for flags in ("mode=ro", "immutable=1"):
+            conn = sqlite3.connect(f"file:{quote(str(self.db_path.resolve()))}?{flags}", uri=True,
+                                   isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("SELECT count(*) FROM runs").fetchone()
+            except sqlite3.Error as e:
+                conn.close()
+                last = e
+                continue
+            return conn
+        raise StoreError(f"cannot read the run store {self.db_path}: {last}")
+
+    def _has_leases(self) -> bool:
+        return bool(self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leases'")
+                    .fetchone())
 
     # ---- plumbing ----
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction (BEGIN IMMEDIATE takes the write lock up front, so read-then-write is safe)."""
+        if self.readonly:
+            raise StoreReadOnly(f"the run store {self.root} is read-only; this command needs to write to it")
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
@@ -168,6 +268,14 @@ class RunStore:
         return row[0]
 
     def close(self) -> None:
+        """Release the leases this store holds and close the database."""
+        if self._heartbeat is not None:
+            self._heartbeat.close()
+        for run_id in sorted(self._held):
+            try:
+                self.release(run_id)
+            except sqlite3.Error:
+                continue
         with self._lock:
             self._conn.close()
 
@@ -177,11 +285,54 @@ class RunStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ---- leases ----
+    def acquire(self, run_id: str) -> None:
+        """Take the run's lease for this process; RunOwned if another live process holds it."""
+        validate_run_id(run_id)
+        with self._tx() as c:
+            self._require(c, run_id)
+            row = c.execute(f"SELECT {_OWNER} FROM leases WHERE run_id = ?", (run_id,)).fetchone()
+            owner = _owner(*row) if row else None
+            if owner is not None and not owner.is_mine() and owner.alive():
+                raise RunOwned(run_id, owner)
+            self._insert_lease(c, run_id)
+
+    def release(self, run_id: str) -> None:
+        """Give up this process's lease on the run (no-op if it holds none)."""
+        validate_run_id(run_id)
+        with self._lock:
+            held = run_id in self._held
+            self._held.discard(run_id)
+        if held and not self.readonly:
+            with self._tx() as c:
+                c.execute("DELETE FROM leases WHERE run_id = ? AND pid = ? AND host = ?", (run_id, os.getpid(), HOST))
+
+    def _insert_lease(self, c: sqlite3.Connection, run_id: str) -> None:
+        c.execute("INSERT OR REPLACE INTO leases (run_id, pid, host, heartbeat) VALUES (?, ?, ?, ?)",
+                  (run_id, os.getpid(), HOST, time.time()))
+        with self._lock:
+            self._held.add(run_id)
+            if self._heartbeat is None:
+                self._heartbeat = Heartbeat(self._beat)
+
+    def _beat(self) -> None:
+        with self._lock:
+            held = sorted(self._held)
+        if held:
+            now = time.time()
+            with self._tx() as c:
+                c.executemany("UPDATE leases SET heartbeat = ? WHERE run_id = ? AND pid = ? AND host = ?",
+                              [(now, r, os.getpid(), HOST) for r in held])
+
     # ---- runs ----
     def create_run(self, cfg: config_mod.Config, *, name: str = "", status: str = "queued",
                    parent: str | None = None) -> str:
-        """Register a new run, create its folder with config.toml, and return its id."""
+        """Register a new run, create its folder with config.toml, and return its id.
+
+        A queued or running run is leased to this process (the one that queued it owns it)."""
         _validate_status(status)
+        if self.readonly:
+            raise StoreReadOnly(f"the run store {self.root} is read-only; this command needs to write to it")
         if parent is not None:
             validate_run_id(parent)
         cfg_dict = config_mod.to_dict(cfg)
@@ -203,6 +354,8 @@ class RunStore:
                           "summary, parent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                           (run_id, name, now, now, status, cfg.method, cfg.dataset, cfg.seed, json.dumps(cfg_dict),
                            parent))
+                if status in ACTIVE:
+                    self._insert_lease(c, run_id)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -212,30 +365,31 @@ class RunStore:
         """The run's artifact folder (the id is validated; existence is not checked)."""
         return self.root / validate_run_id(run_id)
 
-    def _info(self, row: tuple[Any, ...]) -> RunInfo:
-        run_id, name, created, updated, status, method, dataset, seed, cfg, summary, parent = row
-        return RunInfo(run_id=run_id, name=name, created=created, updated=updated, status=status, method=method,
-                       dataset=dataset, seed=seed, config=json.loads(cfg), run_dir=self.root / run_id,
-                       summary=json.loads(summary) if summary is not None else None, parent=parent)
+    def _info(self, row: tuple[Any, ...], now: float) -> RunInfo:
+        run_id, name, created, updated, status, method, dataset, seed, cfg, summary, parent, *lease = row
+        owner = _owner(*lease)
+        return RunInfo(run_id=run_id, name=name, created=created, updated=updated,
+                       status=_effective_status(status, owner, now), method=method, dataset=dataset, seed=seed,
+                       config=json.loads(cfg), run_dir=self.root / run_id,
+                       summary=json.loads(summary) if summary is not None else None, parent=parent, owner=owner)
 
     def get_run(self, run_id: str) -> RunInfo:
         validate_run_id(run_id)
-        rows = self._query(f"SELECT {_COLUMNS} FROM runs WHERE run_id = ?", (run_id,))
+        rows = self._query(f"{self._select} WHERE run_id = ?", (run_id,))
         if not rows:
-            raise RunNotFound(run_id)
-        return self._info(rows[0])
+            raise RunNotFound(run_id, self.root)
+        return self._info(rows[0], time.time())
 
     def list_runs(self, *, status: str | Collection[str] | None = None) -> list[RunInfo]:
-        """All runs (or those with the given status or statuses), newest first."""
-        sql, params = f"SELECT {_COLUMNS} FROM runs", []
+        """All runs (or those with the given status or statuses), newest first; statuses as `get_run` gives."""
+        wanted = None
         if status is not None:
-            wanted = [status] if isinstance(status, str) else list(status)
+            wanted = {status} if isinstance(status, str) else set(status)
             for s in wanted:
                 _validate_status(s)
-            sql += f" WHERE status IN ({', '.join('?' * len(wanted))})"
-            params = wanted
-        sql += " ORDER BY created DESC, run_id DESC"
-        return [self._info(r) for r in self._query(sql, params)]
+        now = time.time()
+        infos = [self._info(r, now) for r in self._query(f"{self._select} ORDER BY created DESC, run_id DESC")]
+        return [i for i in infos if wanted is None or i.status in wanted]
 
     def set_status(self, run_id: str, status: str) -> None:
         validate_run_id(run_id)
@@ -253,25 +407,33 @@ class RunStore:
             c.execute("UPDATE runs SET summary = ?, updated = ? WHERE run_id = ?", (text, time.time(), run_id))
 
     def mark_interrupted(self, alive: Collection[str] = ()) -> list[str]:
-        """Flip runs left "running" or "queued" (by a crash or restart) to "interrupted"; return their ids.
+        """Persist "interrupted" for runs left "running" or "queued" whose owner is gone; return their ids.
 
-        `alive` are runs owned by live jobs of this process; they are left alone.
+        Runs whose lease a live process holds (this one or another) are left alone, and so are `alive`.
         """
         keep = set(alive)
         with self._tx() as c:
-            rows = c.execute("SELECT run_id FROM runs WHERE status IN ('running', 'queued')").fetchall()
-            ids = sorted(r[0] for r in rows if r[0] not in keep)
+            rows = c.execute(f"SELECT run_id, {_OWNER} FROM runs LEFT JOIN leases USING (run_id) "
+                             f"WHERE status IN ('running', 'queued')").fetchall()
             now = time.time()
+            ids = sorted(r[0] for r in rows if r[0] not in keep and _gone(_owner(*r[1:]), now))
             c.executemany("UPDATE runs SET status = 'interrupted', updated = ? WHERE run_id = ?",
                           [(now, i) for i in ids])
+            c.executemany("DELETE FROM leases WHERE run_id = ?", [(i,) for i in ids])
         return ids
 
     def delete_run(self, run_id: str) -> None:
-        """Delete the run's rows and folder; refused while the run is running."""
+        """Delete the run's rows and folder; refused while a live process runs or queues it."""
         validate_run_id(run_id)
         with self._tx() as c:
-            if self._require(c, run_id) == "running":
-                raise StoreError(f"run {run_id} is running; stop it before deleting it")
+            row = c.execute(f"SELECT status, {_OWNER} FROM runs LEFT JOIN leases USING (run_id) WHERE run_id = ?",
+                            (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(run_id, self.root)
+            status = _effective_status(row[0], _owner(*row[1:]), time.time())
+            if status in ACTIVE:
+                raise StoreError(f"run {run_id} is {status} ({_owner(*row[1:]).describe()}); stop it before "
+                                 f"deleting it")
             c.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
             c.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
         shutil.rmtree(self.root / run_id, ignore_errors=True)
@@ -336,51 +498,19 @@ class RunStore:
             c.execute("UPDATE runs SET updated = ? WHERE run_id = ?", (time.time(), run_id))
         return cur.rowcount
 
-    # ---- export ----
-    def metrics_csv(self, run_id: str) -> str:
-        """One row per Evaluated event x attack x class.
+    def event_json(self, run_id: str) -> list[tuple[int, str]]:
+        """(seq, stored JSON text) of every event of the run, in order (what an export writes verbatim)."""
+        return self._event_rows(run_id, 0, None)
 
-        Columns: epoch, attack, class (index), correct, total, accuracy (empty when total is 0),
-        class_name (from the last RunStarted, else empty), final (1 for the final evaluation).
-        """
-        names: tuple[str, ...] = ()
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["epoch", "attack", "class", "correct", "total", "accuracy", "class_name", "final"])
-        for _, e in self.events(run_id, kinds=("run_started", "evaluated")):
-            if isinstance(e, ev.RunStarted):
-                names = tuple(e.class_names)
-            elif isinstance(e, ev.Evaluated):
-                for attack, correct in e.correct.items():
-                    totals = np.asarray(e.subset_totals.get(attack, e.totals)).tolist()
-                    for c, (k, n) in enumerate(zip(np.asarray(correct).tolist(), totals, strict=True)):
-                        w.writerow([e.epoch, attack, c, int(k), int(n), f"{k / n:.6g}" if n else "",
-                                    names[c] if c < len(names) else "", int(e.final)])
-        return buf.getvalue()
+    # ---- export (ferd.export) ----
+    def metrics_csv(self, run_id: str) -> str:
+        """See ferd.export.metrics_csv."""
+        from ferd import export
+
+        return export.metrics_csv(self, run_id)
 
     def export_run(self, run_id: str, dest: Path | str) -> Path:
-        """Write a zip with config.toml, events.jsonl, metrics.csv and student.pt (if present).
+        """See ferd.export.export_run."""
+        from ferd import export
 
-        `dest` is a folder (created if missing; the zip is `<run_id>.zip` in it) or a path ending in .zip.
-        """
-        info = self.get_run(run_id)
-        dest = Path(dest)
-        if dest.suffix == ".zip":
-            out = dest
-        else:
-            dest.mkdir(parents=True, exist_ok=True)
-            out = dest / f"{run_id}.zip"
-        cfg_file = info.run_dir / "config.toml"
-        cfg_text = cfg_file.read_text() if cfg_file.is_file() else tomli_w.dumps(info.config)
-        with self._lock:
-            rows = self._conn.execute("SELECT seq, data FROM events WHERE run_id = ? ORDER BY seq",
-                                      (run_id,)).fetchall()
-        lines = "".join(json.dumps({"seq": seq, **json.loads(data)}) + "\n" for seq, data in rows)
-        student = info.run_dir / "student.pt"
-        with atomic.atomic_file(out) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            z.writestr("config.toml", cfg_text)
-            z.writestr("events.jsonl", lines)
-            z.writestr("metrics.csv", self.metrics_csv(run_id))
-            if student.is_file():
-                z.write(student, "student.pt")
-        return out
+        return export.export_run(self, run_id, dest)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
 import time
 import types
@@ -25,6 +24,7 @@ from ferd.attacks import pgd
 from ferd.config import Config
 from ferd.data import dataset_info, test_split, train_split
 from ferd.models import create_model
+from ferd.weights import WeightsError, read_weights
 
 # The embedded teacher's adversarial training (METHOD.md §10). Fixed, so that every run shares one teacher.
 EMBEDDED_EPS = 0.1
@@ -115,12 +115,9 @@ def load_checkpoint(path: str | Path, arch: str, *, num_classes: int, in_channel
     if not path.is_file():
         raise TeacherError(f"teacher checkpoint not found: {path}")
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        raise TeacherError(f"{path}: refused: the file holds objects other than tensors and plain containers, "
-                           f"which are never unpickled ({str(e).splitlines()[0]})") from e
-    except Exception as e:  # a corrupt file can fail anywhere inside the unpickler (IndexError, EOFError, ...)
-        raise TeacherError(f"{path}: cannot read as a PyTorch weights file ({e})") from e
+        obj = read_weights(path)
+    except WeightsError as e:
+        raise TeacherError(str(e)) from e
     state = _extract_state_dict(obj, path)
     try:
         model = create_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)

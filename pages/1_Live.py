@@ -1,5 +1,7 @@
 """Live run: configure, start / stop / resume, and watch a run's charts update while it trains."""
 
+from collections import Counter
+
 import streamlit as st
 
 from app import charts, frames
@@ -44,9 +46,9 @@ runs = store.list_runs()
 if not runs:
     st.info("No runs yet: configure one above and press Start.")
     st.stop()
-infos = {r.run_id: r for r in runs}
+infos = {r.run_id: r for r in runs}  # newest first
 if st.session_state.get(RUN_KEY) not in infos:
-    st.session_state[RUN_KEY] = runs[0].run_id
+    st.session_state[RUN_KEY] = runs[0].run_id  # open on the newest run
 
 
 def _label(run_id: str) -> str:
@@ -55,8 +57,16 @@ def _label(run_id: str) -> str:
     return run_label(run_id, info.config, info.name)
 
 
+def _distinct(labels: dict[str, str]) -> dict[str, str]:
+    """Labels made unique with the run id where two runs share one: a selectbox maps a label back to the
+    last option carrying it, so a shared label would pick (and Resume) the older run."""
+    counts = Counter(labels.values())
+    return {i: f"{text} · {i}" if counts[text] > 1 else text for i, text in labels.items()}
+
+
+labels = _distinct({i: _label(i) for i in infos})
 pick, stop_col, resume_col = st.columns([6, 1, 1], vertical_alignment="bottom")
-run_id = pick.selectbox("Run", list(infos), format_func=_label, key=RUN_KEY)
+run_id = pick.selectbox("Run", list(infos), format_func=labels.__getitem__, key=RUN_KEY)
 alive = registry.is_alive(run_id)
 if stop_col.button("Stop", disabled=not alive, key="live-stop"):
     registry.stop(run_id)

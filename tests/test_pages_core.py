@@ -107,6 +107,32 @@ def test_live_shows_a_failed_run_reason(home):
     assert any("100 classes" in e.value for e in at.error)
 
 
+def test_live_opens_on_the_newest_run_and_resumes_the_one_picked(home):
+    """Two runs with the same name, method, dataset and seed: the picker must still tell them apart."""
+    from ferd import events as ev
+
+    store = RunStore(home)
+    cfg = Config(epochs=2, warmup_epochs=0)
+    oldest = store.create_run(cfg, status="finished")
+    old = store.create_run(cfg, status="running")
+    store.append(old, ev.RunFailed(epoch=0, reason="the older run failed"))
+    new = store.create_run(cfg, status="running")
+    store.append(new, ev.RunStopped(epoch=0, reason="stop requested"))
+    at = app("pages/1_Live.py")
+    assert at.selectbox(key="live-run").value == new
+    at.selectbox(key="live-run").set_value(old).run()
+    assert at.selectbox(key="live-run").value == old
+    assert any("older run failed" in e.value for e in at.error)
+    at.button(key="live-resume").click().run()
+    assert not at.exception, at.exception
+    deadline = time.monotonic() + 15
+    while store.get_run(old).status != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get_run(old).status == "finished"
+    assert store.get_run(new).status == "stopped" and store.get_run(oldest).status == "finished"
+    store.close()
+
+
 def test_runs_page_lists_runs_with_metrics_and_deletes(home):
     store = RunStore(home)
     ids = populate_store(store, methods=("ferd", "dfrd"), epochs=2)
@@ -129,7 +155,8 @@ def test_runs_page_refuses_to_delete_a_running_run(home):
     store = RunStore(home)
     run_id = store.create_run(Config(epochs=2, warmup_epochs=0), status="finished")
     at = app("pages/6_Runs.py")  # (the registry marks runs left running by an earlier server as interrupted)
-    store.set_status(run_id, "running")  # now running in another process
+    store.acquire(run_id)  # now running in another writer that holds the run's lease
+    store.set_status(run_id, "running")
     at.checkbox(key=f"runs-confirm-{run_id}").check().run()
     at.button(key="runs-delete").click().run()
     assert not at.exception, at.exception

@@ -57,6 +57,7 @@ def sample_events() -> list[events.Event]:
         events.RunFailed(epoch=1, reason="loss is NaN", detail="Traceback ..."),
         events.RunWarning(epoch=1, message="teacher accuracy is low"),
         events.StageProgress(epoch=0, stage="teacher", step=1, total_steps=2, label="training the teacher"),
+        events.RunResumed(epoch=1, time=1.7e9, device="cpu"),
     ]
 
 
@@ -272,6 +273,9 @@ def test_restart_sees_runs_and_marks_interrupted(tmp_path: Path) -> None:
     with RunStore(root) as second:
         assert {r.run_id for r in second.list_runs()} == {running, queued, alive, done}
         assert len(second.events(running)) == 1
+        # Closing `first` gave up its leases: its queued and running runs already read as interrupted.
+        assert second.get_run(running).status == second.get_run(queued).status == "interrupted"
+        second.acquire(alive)  # a live job of the new process owns this one
         assert second.mark_interrupted(alive=[alive]) == sorted([running, queued])
         status = {r.run_id: r.status for r in second.list_runs()}
         assert status == {running: "interrupted", queued: "interrupted", alive: "running", done: "finished"}

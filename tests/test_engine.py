@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ferd import engine
+from ferd import engine, experiments
 from ferd.diagnostics import synthesis_problems
 from ferd.events import (
     AttackTargets,
@@ -15,6 +15,7 @@ from ferd.events import (
     GeneratorProgress,
     RunFailed,
     RunFinished,
+    RunResumed,
     RunStarted,
     RunStopped,
     RunWarning,
@@ -184,7 +185,11 @@ def test_resumed_run_equals_an_uninterrupted_run(tiny_cfg, tmp_path):
     assert store.get_run(part).status == "finished"
     a = [e for _s, e in store.events(whole)]
     b = [e for _s, e in store.events(part)]
-    assert [e.resumed_from for e in b if isinstance(e, RunStarted)] == [0, 2]
+    # One RunStarted; the resume is marked by RunResumed at the checkpoint's epoch, in order.
+    assert [e.resumed_from for e in b if isinstance(e, RunStarted)] == [0]
+    resumed = [i for i, e in enumerate(b) if isinstance(e, RunResumed)]
+    assert [b[i].epoch for i in resumed] == [2] and b[resumed[0] - 1].kind == "epoch_finished"
+    assert experiments.run_record(b, run_id=part)["final"]
     ea, eb = final_eval(a), final_eval(b)
     for attack in ea.correct:
         np.testing.assert_array_equal(ea.correct[attack], eb.correct[attack])

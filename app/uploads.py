@@ -24,7 +24,8 @@ def accept_checkpoint(data: bytes, filename: str, cfg: Config, root: Path) -> Co
     cannot be read without unpickling code, or does not fit cfg.teacher_arch / the dataset's classes.
     A rejected file is deleted; nothing else is touched."""
     if len(data) > MAX_UPLOAD_BYTES:
-        raise TeacherError(f"{filename}: {len(data) / 2**20:.0f} MiB is over the {MAX_UPLOAD_BYTES // 2**20} MiB limit")
+        raise TeacherError(f"{filename}: {len(data):,} bytes is over the upload limit of {MAX_UPLOAD_BYTES:,} bytes "
+                           f"({MAX_UPLOAD_BYTES / 2**20:g} MiB)")
     if Path(filename).suffix.lower() not in SUFFIXES:
         raise TeacherError(f"{filename}: expected a PyTorch checkpoint ({', '.join(SUFFIXES)})")
     path = Path(root) / "uploads" / f"{hashlib.sha256(data).hexdigest()[:32]}.pt"

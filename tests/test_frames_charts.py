@@ -64,6 +64,14 @@ def test_progress_eta_uses_mean_epoch_time():
     assert frames.progress(stream) == (2, 5, pytest.approx(45.0))  # 15 s per epoch, 3 epochs left
 
 
+def test_progress_times_a_resumed_run_from_its_run_resumed_marker():
+    started = next(iter(fake_run(CFG)))
+    stream = [started, ev.EpochStarted(epoch=1, total_epochs=5), ev.EpochFinished(epoch=1, wall_s=10.0, phase_s={}),
+              ev.EpochFinished(epoch=2, wall_s=20.0, phase_s={}), ev.RunResumed(epoch=2, time=0.0, device="cpu"),
+              ev.EpochFinished(epoch=3, wall_s=25.0, phase_s={})]
+    assert frames.progress(stream) == (3, 5, pytest.approx(50.0))  # epochs after the resume only: 25 s for 1
+
+
 def test_warnings_and_synthesis_warnings(events):
     assert frames.warnings(events) == []
     assert frames.synthesis_warnings(events) == []  # the fake teacher is ~90 % sure and the split is balanced

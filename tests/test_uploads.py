@@ -38,6 +38,9 @@ def test_bad_uploads_are_rejected_and_not_kept(tmp_path, monkeypatch, case):
     else:
         monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 10)
         data = b"x" * 11
-    with pytest.raises(TeacherError):
+    with pytest.raises(TeacherError) as err:
         uploads.accept_checkpoint(data, name, cfg, tmp_path)
     assert not any((tmp_path / "uploads").glob("*"))
+    if case == "too-big":  # the two sizes differ in the message (not "200 MiB is over the 200 MiB limit")
+        assert "11 bytes is over the upload limit of 10 bytes" in str(err.value)
+    assert "weights_only" not in str(err.value)

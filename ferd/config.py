@@ -128,6 +128,9 @@ class Config:
     """`uniform-kl`, `sampled-target` (UTAE) or `untargeted` (plain KL PGD, DFRD)."""
     utae_weight: float = 10.0
     """lambda_u for `uniform-kl`."""
+    attack_reference_every: int = 5
+    """Every k epochs (and at the last), also run an untargeted KL-PGD on the same batches as the training attack,
+    the reference its success rate is compared with (METHOD.md §6); 0 = never. It never changes training."""
     student_loss: str = "rslad"
     """`rslad`: w_nat KL(clean) + w_rob KL(adv); `reference-code`: what the released code effectively optimises."""
     w_nat: float = 1 / 6
@@ -202,7 +205,7 @@ def validate(c: Config) -> None:
                  "split_steps", "eval_steps", "eval_batch_size", "generator_width"):
         _check(isinstance(getattr(c, name), int) and getattr(c, name) >= 1, name, "must be an integer >= 1")
     for name in ("warmup_epochs", "student_steps", "reweight_steps", "train_attack_steps", "aa_subset",
-                 "thumbnails", "num_threads", "seed"):
+                 "thumbnails", "num_threads", "seed", "attack_reference_every"):
         _check(isinstance(getattr(c, name), int) and getattr(c, name) >= 0, name, "must be an integer >= 0")
     _check(c.seed < SEED_LIMIT, "seed", f"must be below 2**32 = {SEED_LIMIT} (numpy's seed range), got {c.seed}")
     _check(c.warmup_epochs < c.epochs or c.method == "real-data", "warmup_epochs",

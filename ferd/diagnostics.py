@@ -1,4 +1,5 @@
-"""Checks on a synthesised batch: does the teacher recognise it, and does the feature split mean anything?
+"""Checks on a run: does the teacher recognise a synthesised batch, does the feature split mean anything, and is
+the training attack still an attack?
 
 One definition serves the engine (a RunWarning the first time a problem appears), the CLI and the
 dashboard (a warning while the latest batch has the problem, and the bands drawn on its chart).
@@ -28,3 +29,17 @@ def synthesis_problems(teacher_acc: float, robust_fraction: float, *, w_uni: flo
         out["robust_fraction"] = (f"the feature split marks {robust_fraction:.1%} of features robust: the uniformity "
                                   f"(FAE) term {sees} (mask_rule={mask_rule})")
     return out
+
+
+WEAK_ATTACK_RATIO = 0.5
+"""A training attack whose success rate is below this fraction of the untargeted reference's is disarmed."""
+
+
+def attack_problems(success_rate: float, reference_success_rate: float) -> dict[str, str]:
+    """{"attack_strength": message} when the training attack succeeds on fewer than WEAK_ATTACK_RATIO times as many
+    examples as the untargeted reference on the same batches; empty otherwise (and when either is NaN)."""
+    if not success_rate < WEAK_ATTACK_RATIO * reference_success_rate:
+        return {}
+    return {"attack_strength": (f"the training attack changes the student's prediction on {success_rate:.0%} of its "
+                                f"examples, under half of the untargeted reference ({reference_success_rate:.0%}): "
+                                "the student trains on nearly clean inputs (lower utae_weight or change utae_mode)")}

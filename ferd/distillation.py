@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ferd.attacks import pgd
+from ferd.attacks import isolated_rng, pgd
 from ferd.config import Config
+from ferd.events import TrainingAttackStrength
 from ferd.feature_split import uniformity_loss
+from ferd.metrics import target_counts, target_entropy
 from ferd.synthesis import eval_mode, kl_div
 
 START_NOISE = 0.001  # sigma of the Gaussian start of the training attacks (reference code)
@@ -46,10 +49,19 @@ def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.T
 
             return pgd(student, x, y, loss=objective, **common)
 
-        def untargeted(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-            return kl_div(t_logits, logits)
+        return untargeted_attack(cfg, student, x, y, t_logits)
 
-        return pgd(student, x, y, loss=untargeted, **common)
+
+def untargeted_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      t_logits: torch.Tensor) -> torch.Tensor:
+    """Plain KL-PGD (DFRD's training attack, and the reference every training attack's strength is measured by)."""
+
+    def untargeted(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+        return kl_div(t_logits, logits)
+
+    with eval_mode(student):
+        return pgd(student, x, y, loss=untargeted, eps=cfg.eps, steps=cfg.train_attack_steps,
+                   step_size=cfg.step_size, init_noise=START_NOISE)
 
 
 def adversarial_predictions(student: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
@@ -57,6 +69,56 @@ def adversarial_predictions(student: nn.Module, x_adv: torch.Tensor) -> torch.Te
     attack saw it): what the attack-target histogram and the success rate count. The student's mode is restored."""
     with eval_mode(student), torch.no_grad():
         return student(x_adv).argmax(dim=1)
+
+
+class AttackTally:
+    """One epoch of training-attack outcomes: the (true, predicted) histogram, how many adversarial examples the
+    student (eval mode) assigns to a class other than y, the label the attack works against (the sampled class of a
+    synthetic sample, the true label on real data), and the same for the untargeted reference where it ran."""
+
+    def __init__(self, num_classes: int, *, cfg: Config | None = None, epoch: int = 0) -> None:
+        """With cfg, `observe` runs the untargeted reference on this epoch when it is a reference epoch (every
+        cfg.attack_reference_every epochs and the last)."""
+        every = cfg.attack_reference_every if cfg is not None else 0
+        self.cfg = cfg
+        self.epoch = epoch
+        self.with_reference = every > 0 and (epoch % every == 0 or epoch == cfg.epochs)
+        self.num_classes = num_classes
+        self.counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.reference_counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.samples = 0
+        self.reference_samples = 0
+
+    def add(self, y: torch.Tensor, pred: torch.Tensor, reference_pred: torch.Tensor | None = None) -> None:
+        y_np = y.cpu().numpy()
+        self.counts += target_counts(y_np, pred.cpu().numpy(), self.num_classes)
+        self.samples += len(y_np)
+        if reference_pred is not None:
+            self.reference_counts += target_counts(y_np, reference_pred.cpu().numpy(), self.num_classes)
+            self.reference_samples += len(y_np)
+
+    def observe(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
+                x_adv: torch.Tensor, step: int) -> None:
+        """Count one training batch: the student's eval-mode predictions on x_adv and, on reference epochs, on an
+        untargeted KL-PGD of the same batch, drawn from a private random stream so that it never changes training."""
+        reference = None
+        if self.with_reference:
+            with isolated_rng(self.cfg.seed * 1_000_003 + self.epoch * 1_000 + step):
+                reference = adversarial_predictions(student, untargeted_attack(self.cfg, student, x, y, t_logits))
+        self.add(y, adversarial_predictions(student, x_adv), reference)
+
+    def event(self, epoch: int) -> TrainingAttackStrength:
+        ref = self.reference_samples > 0
+        nan = float("nan")
+        return TrainingAttackStrength(
+            epoch=epoch, samples=self.samples, success_rate=_share(self.counts.sum(), self.samples),
+            target_entropy=target_entropy(self.counts),
+            reference_success_rate=_share(self.reference_counts.sum(), self.reference_samples) if ref else nan,
+            reference_target_entropy=target_entropy(self.reference_counts) if ref else nan)
+
+
+def _share(hits: int, n: int) -> float:
+    return float(hits) / n if n else float("nan")
 
 
 def soft_ce(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:

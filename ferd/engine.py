@@ -28,8 +28,8 @@ from ferd.background import pumped
 from ferd.config import Config, ConfigError, from_dict, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
-from ferd.diagnostics import synthesis_problems
-from ferd.distillation import adversarial_predictions, student_loss, training_attack
+from ferd.diagnostics import attack_problems, synthesis_problems
+from ferd.distillation import AttackTally, student_loss, training_attack
 from ferd.evaluation import Evaluation, Interrupted, evaluate
 from ferd.events import (
     AttackTargets,
@@ -50,7 +50,6 @@ from ferd.events import (
     StudentProgress,
 )
 from ferd.feature_split import split_teacher_features
-from ferd.metrics import target_counts
 from ferd.models import Generator as ImageGenerator
 from ferd.models import create_model
 from ferd.reweighting import class_scores, class_weights, teacher_margins
@@ -276,12 +275,17 @@ def _synthesis(cfg: Config, synth: Synthesizer, student: nn.Module, state: _Stat
         class_acc=class_acc, class_conf=class_conf, robust_fraction=split.robust_fraction,
         memory_counts=np.bincount(state.memory_y.cpu().numpy(), minlength=c))
     yield ev
-    problems = synthesis_problems(ev.teacher_acc, ev.robust_fraction, w_uni=cfg.w_uni, mask_rule=cfg.mask_rule)
+    yield from _warn(state, epoch, synthesis_problems(ev.teacher_acc, ev.robust_fraction, w_uni=cfg.w_uni,
+                                                      mask_rule=cfg.mask_rule))
+    return x, y
+
+
+def _warn(state: _State, epoch: int, problems: dict[str, str]) -> Iterator[RunWarning]:
+    """A RunWarning for each problem key the run has not warned about yet."""
     for key, message in problems.items():
         if key not in state.warned:
             state.warned.add(key)
             yield RunWarning(epoch=epoch, message=message, key=key)
-    return x, y
 
 
 def _reweight(cfg: Config, teacher: nn.Module, kept: tuple, state: _State, epoch: int) -> ClassWeightsUpdated:
@@ -300,7 +304,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
     lr = student_lr(cfg, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    counts = np.zeros((c, c), dtype=np.int64)
+    tally = AttackTally(c, cfg=cfg, epoch=epoch)
     n = len(state.memory_y)
     for step in range(1, cfg.student_steps + 1):
         _check_stop(stop)
@@ -311,7 +315,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         with torch.no_grad():
             t_logits = teacher(x)
         x_adv = training_attack(cfg, student, x, y, t_logits, c)
-        adv_pred = adversarial_predictions(student, x_adv)
+        tally.observe(student, x, y, t_logits, x_adv, step)
         student.train()
         s_clean, s_adv = student(x), student(x_adv)
         loss = student_loss(cfg, t_logits, s_clean, s_adv)
@@ -320,10 +324,12 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         optimizer.step()
-        counts += target_counts(y.cpu().numpy(), adv_pred.cpu().numpy(), c)
         yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
                               losses={k: float(getattr(loss, k).detach()) for k in ("total", "nat", "rob")})
-    yield AttackTargets(epoch=epoch, counts=counts, source="train")
+    yield AttackTargets(epoch=epoch, counts=tally.counts, source="train")
+    strength = tally.event(epoch)
+    yield strength
+    yield from _warn(state, epoch, attack_problems(strength.success_rate, strength.reference_success_rate))
 
 
 def _evaluate(cfg: Config, student: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, c: int, device: torch.device,

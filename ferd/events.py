@@ -122,6 +122,21 @@ class AttackTargets(Event):
 
 
 @dataclass(frozen=True)
+class TrainingAttackStrength(Event):
+    kind: ClassVar[str] = "training_attack"
+    samples: int
+    """Adversarial examples the student trained on this epoch."""
+    success_rate: float
+    """Share of them the student (eval mode, before the update) assigns to a class other than y, the label the
+    attack works against: the sampled class of a synthetic sample, the true label on real data."""
+    target_entropy: float
+    """Mean row entropy of the epoch's attack-target histogram / log(C - 1) (1 = spread evenly; nan if empty)."""
+    reference_success_rate: float = float("nan")
+    """The same for an untargeted KL-PGD on the same batches (nan on epochs without the reference)."""
+    reference_target_entropy: float = float("nan")
+
+
+@dataclass(frozen=True)
 class StudentProgress(Event):
     kind: ClassVar[str] = "student_progress"
     step: int
@@ -186,13 +201,14 @@ class RunWarning(Event):
     kind: ClassVar[str] = "warning"
     message: str
     key: str = ""
-    """What the warning is about (a `ferd.diagnostics.synthesis_problems` key), "" for anything else."""
+    """What the warning is about (a `ferd.diagnostics` problem key), "" for anything else."""
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
     t.kind: t
     for t in (RunStarted, RunResumed, StageProgress, EpochStarted, GeneratorProgress, SamplesSynthesised,
-              ClassWeightsUpdated, AttackTargets, StudentProgress, Evaluated, EpochFinished, CheckpointSaved,
+              ClassWeightsUpdated, AttackTargets, TrainingAttackStrength, StudentProgress, Evaluated, EpochFinished,
+              CheckpointSaved,
               RunFinished, RunStopped, RunFailed, RunWarning)
 }
 TERMINAL = ("run_finished", "run_stopped", "run_failed")

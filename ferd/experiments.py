@@ -21,7 +21,16 @@ import pandas as pd
 
 from ferd import atomic
 from ferd.config import Config, ConfigError
-from ferd.events import ClassWeightsUpdated, Evaluated, Event, RunFailed, RunFinished, RunStarted, SamplesSynthesised
+from ferd.events import (
+    ClassWeightsUpdated,
+    Evaluated,
+    Event,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    SamplesSynthesised,
+    TrainingAttackStrength,
+)
 from ferd.metrics import class_metrics
 from ferd.runner import execute
 from ferd.store import RunStore
@@ -69,6 +78,7 @@ def run_record(events: Sequence[Event], *, run_id: str = "", student_path: str =
         "eps": cfg["eps"], "eval_epoch": last_eval.epoch if last_eval else None,
         "final": bool(last_eval and last_eval.final),
         "config": cfg, "teacher": started.teacher, "eval": ev_out, "synthesis": synthesis_summary(events),
+        "training_attack": training_attack_summary(events),
     }
 
 
@@ -114,6 +124,42 @@ def synthesis_summary(events: Sequence[Event], last: int = 5) -> dict[str, Any]:
         "class_acc": _list(class_acc),
         "memory_share": _list(mem / max(mem.sum(), 1.0)),
         "class_weights": _list(weights.weights) if weights else None,
+    }
+
+
+def _nanmean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if v == v]
+    return float(np.mean(finite)) if finite else None
+
+
+def training_attack_summary(events: Sequence[Event], last: int = 5) -> dict[str, Any]:
+    """The training attack's strength (METHOD.md §6): `success_rate`, `target_entropy` and the untargeted
+    reference's `reference_success_rate` / `reference_target_entropy`, each the mean over the last `last` epochs
+    with a value (a reference runs every `attack_reference_every` epochs), `strength_ratio` = success rate over
+    the reference's on the epochs where both ran, and the per-epoch series (`per_epoch`). Empty without a
+    distillation epoch."""
+    series = [e for e in events if isinstance(e, TrainingAttackStrength)]
+    if not series:
+        return {}
+    tail = series[-last:]
+    with_ref = [e for e in series if e.reference_success_rate == e.reference_success_rate][-last:]
+    ref_mean = _nanmean([e.reference_success_rate for e in with_ref])
+    same = _nanmean([e.success_rate for e in with_ref])
+    return {
+        "epochs": [e.epoch for e in tail],
+        "success_rate": _nanmean([e.success_rate for e in tail]),
+        "target_entropy": _nanmean([e.target_entropy for e in tail]),
+        "reference_epochs": [e.epoch for e in with_ref],
+        "reference_success_rate": ref_mean,
+        "reference_target_entropy": _nanmean([e.reference_target_entropy for e in with_ref]),
+        "strength_ratio": same / ref_mean if same is not None and ref_mean else None,
+        "per_epoch": {
+            "epoch": [e.epoch for e in series],
+            "success_rate": _list(e.success_rate for e in series),
+            "target_entropy": _list(e.target_entropy for e in series),
+            "reference_success_rate": _list(e.reference_success_rate for e in series),
+            "reference_target_entropy": _list(e.reference_target_entropy for e in series),
+        },
     }
 
 

@@ -135,3 +135,18 @@ def row_normalise(counts: np.ndarray) -> np.ndarray:
     c = np.asarray(counts, dtype=float)
     sums = c.sum(axis=-1, keepdims=True)
     return np.divide(c, sums, out=np.zeros_like(c), where=sums != 0)
+
+
+def target_entropy(counts: np.ndarray) -> float:
+    """Mean over the rows with at least one count of the entropy of the row's distribution over the wrong classes,
+    divided by log(C - 1): 1 = every true class is pushed uniformly to all others, 0 = each onto one class.
+    NaN when the histogram is empty."""
+    counts = np.asarray(counts, dtype=float)
+    c = counts.shape[0]
+    rows = counts[counts.sum(axis=1) > 0]
+    if c < 3 or not len(rows):
+        return float("nan")
+    p = rows / rows.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return float(h.mean() / np.log(c - 1))

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
-from ferd.distillation import adversarial_predictions
+from ferd import engine
+from ferd.config import ConfigError
+from ferd.diagnostics import attack_problems
+from ferd.distillation import AttackTally, adversarial_predictions
+from ferd.events import AttackTargets, Evaluated, RunWarning, TrainingAttackStrength
+from ferd.experiments import ablation_configs, run_record
+from ferd.metrics import target_entropy
 
 
 def _bn_model_whose_modes_disagree() -> tuple[nn.Module, torch.Tensor]:
@@ -33,3 +44,76 @@ def test_adversarial_predictions_use_eval_mode_and_restore_train_mode():
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k  # no running-statistics update
+
+
+def test_target_entropy_hand_computed():
+    counts = np.array([[0, 2, 2], [0, 0, 0], [3, 0, 0]])  # row 0 spread evenly over 2 classes, row 2 on one
+    assert target_entropy(counts) == pytest.approx(0.5)  # the empty row 1 does not count
+    assert math.isnan(target_entropy(np.zeros((3, 3))))
+
+
+def test_attack_tally_counts_against_the_attacked_label():
+    tally = AttackTally(3)
+    y = torch.tensor([0, 0, 1, 2])
+    tally.add(y, torch.tensor([1, 2, 1, 0]), reference_pred=torch.tensor([1, 1, 1, 0]))
+    tally.add(torch.tensor([2]), torch.tensor([2]))  # a batch without the reference
+    ev = tally.event(4)
+    assert (ev.epoch, ev.samples) == (4, 5)
+    assert ev.success_rate == pytest.approx(3 / 5)
+    assert ev.target_entropy == pytest.approx((1.0 + 0.0) / 2)  # row 0: {1, 2}; row 2: {0}
+    assert ev.reference_success_rate == pytest.approx(3 / 4)
+    assert ev.reference_target_entropy == pytest.approx(0.0)
+    assert math.isnan(AttackTally(3).event(1).reference_success_rate)
+
+
+def test_attack_problems_below_half_of_the_reference():
+    assert set(attack_problems(0.1, 0.4)) == {"attack_strength"}
+    assert attack_problems(0.25, 0.4) == {}
+    assert attack_problems(0.1, float("nan")) == {}
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_bad_utae_weight_names_the_field(tiny_cfg, value):
+    with pytest.raises(ConfigError, match="utae_weight"):
+        tiny_cfg.replace(utae_weight=value)
+
+
+def test_ablate_utae_weight_grid(tiny_cfg):
+    configs = ablation_configs(tiny_cfg, "utae_weight", [0.1, 10], [0, 1])
+    assert [(c.utae_weight, c.seed) for c in configs] == [(0.1, 0), (0.1, 1), (10.0, 0), (10.0, 1)]
+    with pytest.raises(ConfigError, match="utae_weight"):
+        ablation_configs(tiny_cfg, "utae_weight", [-1], [0])
+
+
+def _strengths(events):
+    return [e for e in events if isinstance(e, TrainingAttackStrength)]
+
+
+def test_every_distillation_epoch_reports_the_attack_strength_and_the_reference_never_changes_training(tiny_cfg):
+    cfg = tiny_cfg.replace(attack_reference_every=2)  # smoke: epochs 3, warm-up 1 -> student epochs 2 and 3
+    events = list(engine.run(cfg))
+    strengths = _strengths(events)
+    assert [e.epoch for e in strengths] == [2, 3]
+    assert all(e.samples == cfg.student_steps * cfg.batch_size for e in strengths)
+    assert all(not math.isnan(e.reference_success_rate) for e in strengths)  # epoch 2 (every 2) and the last
+    train_targets = {e.epoch: e.counts for e in events if isinstance(e, AttackTargets) and e.source == "train"}
+    for e in strengths:
+        assert e.success_rate == pytest.approx(train_targets[e.epoch].sum() / e.samples)
+    record = run_record(events)["training_attack"]
+    assert record["per_epoch"]["epoch"] == [2, 3] and record["reference_epochs"] == [2, 3]
+    assert record["success_rate"] == pytest.approx(np.mean([e.success_rate for e in strengths]))
+    json.dumps(record)
+
+    without = list(engine.run(cfg.replace(attack_reference_every=0)))
+    assert all(math.isnan(e.reference_success_rate) for e in _strengths(without))
+    assert [e.success_rate for e in _strengths(without)] == [e.success_rate for e in strengths]
+    final = [e for e in events if isinstance(e, Evaluated)][-1]
+    final_without = [e for e in without if isinstance(e, Evaluated)][-1]
+    for attack, correct in final.correct.items():
+        np.testing.assert_array_equal(correct, final_without.correct[attack])
+
+
+def test_a_disarmed_training_attack_warns_once(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(engine, "attack_problems", lambda s, r: {"attack_strength": f"weak {s:.2f}"})
+    warnings = [e for e in engine.run(tiny_cfg) if isinstance(e, RunWarning) and e.key == "attack_strength"]
+    assert len(warnings) == 1 and warnings[0].epoch == 2

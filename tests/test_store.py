@@ -56,6 +56,7 @@ def sample_events() -> list[events.Event]:
         events.RunStopped(epoch=1, reason="stopped by the user"),
         events.RunFailed(epoch=1, reason="loss is NaN", detail="Traceback ..."),
         events.RunWarning(epoch=1, message="teacher accuracy is low"),
+        events.TrainingAttackStrength(epoch=1, samples=64, success_rate=0.25, target_entropy=0.5),
         events.StageProgress(epoch=0, stage="teacher", step=1, total_steps=2, label="training the teacher"),
         events.RunResumed(epoch=1, time=1.7e9, device="cpu"),
     ]

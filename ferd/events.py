@@ -208,8 +208,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     t.kind: t
     for t in (RunStarted, RunResumed, StageProgress, EpochStarted, GeneratorProgress, SamplesSynthesised,
               ClassWeightsUpdated, AttackTargets, TrainingAttackStrength, StudentProgress, Evaluated, EpochFinished,
-              CheckpointSaved,
-              RunFinished, RunStopped, RunFailed, RunWarning)
+              CheckpointSaved, RunFinished, RunStopped, RunFailed, RunWarning)
 }
 TERMINAL = ("run_finished", "run_stopped", "run_failed")
 

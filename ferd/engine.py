@@ -56,6 +56,7 @@ from ferd.reweighting import class_scores, class_weights, teacher_margins
 from ferd.synthesis import NonFiniteLoss, Synthesizer
 from ferd.teachers import TeacherError, load_teacher, will_train
 from ferd.weights import WeightsError, read_weights
+from ferd.weights import load_student as load_student  # re-exported: ferd.engine.load_student
 
 CHECKPOINT = "checkpoint.pt"
 STUDENT = "student.pt"
@@ -392,30 +393,3 @@ def save_student(path: Path, student: nn.Module, cfg: Config) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in student.state_dict().items()},
     })
     return path
-
-
-def load_student(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """A saved student in eval mode; it takes [0,1] pixels (the model owns its normalisation)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"student checkpoint not found: {p}")
-    data = read_weights(p)
-    keys = ("arch", "num_classes", "in_channels", "image_size", "state_dict")
-    if not isinstance(data, dict) or any(k not in data for k in keys):
-        raise WeightsError(f"{p}: not a student checkpoint written by ferd (needs {', '.join(keys)})")
-    arch, state = data["arch"], data["state_dict"]
-    try:
-        model = create_model(arch, num_classes=data["num_classes"], in_channels=data["in_channels"],
-                             image_size=data["image_size"])
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{p}: {e}") from e
-    missing = sorted(set(model.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise WeightsError(f"{p}: does not match architecture {arch!r}: {len(missing)} missing keys {missing[:3]}, "
-                           f"{len(unexpected)} unexpected keys {unexpected[:3]}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # tensor shapes
-        raise WeightsError(f"{p}: tensor shapes do not match architecture {arch!r}") from e
-    return model.to(device).eval()

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import platformdirs
@@ -35,14 +34,13 @@ from ferd import atomic
 from ferd import config as config_mod
 from ferd import events as ev
 from ferd.leases import HOST, Heartbeat, Owner
+from ferd.store_db import DB_NAME, SCHEMA_VERSION, StoreError, StoreReadOnly, open_db
+
+__all__ = ["DB_NAME", "SCHEMA_VERSION", "RunInfo", "RunNotFound", "RunOwned", "RunStore", "StoreError",
+           "StoreReadOnly", "default_root", "validate_run_id"]
 
 STATUSES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
 RUN_ID_RE = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")
-DB_NAME = "runs.db"
-BUSY_TIMEOUT_MS = 30_000
-SCHEMA_VERSION = 2
-"""1: runs + events; 2: + leases (created on open; a run of an older store without a lease reads as
-interrupted when it was left queued or running)."""
 ACTIVE = ("queued", "running")
 _COLUMNS = "run_id, name, created, updated, status, method, dataset, seed, config, summary, parent"
 _OWNER = "pid, host, heartbeat"
@@ -50,37 +48,6 @@ _OWNER = "pid, host, heartbeat"
 # Event kind -> the run status it sets.
 _STATUS_OF_KIND = {"stage_progress": "running", "run_started": "running", "run_resumed": "running",
                    "run_finished": "finished", "run_stopped": "stopped", "run_failed": "failed"}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    run_id  TEXT PRIMARY KEY,
-    name    TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    status  TEXT NOT NULL,
-    method  TEXT NOT NULL,
-    dataset TEXT NOT NULL,
-    seed    INTEGER NOT NULL,
-    config  TEXT NOT NULL,
-    summary TEXT,
-    parent  TEXT
-);
-CREATE TABLE IF NOT EXISTS events (
-    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-    kind   TEXT NOT NULL,
-    epoch  INTEGER NOT NULL,
-    data   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_run_seq ON events(run_id, seq);
-CREATE TABLE IF NOT EXISTS leases (
-    run_id    TEXT PRIMARY KEY REFERENCES runs(run_id) ON DELETE CASCADE,
-    pid       INTEGER NOT NULL,
-    host      TEXT NOT NULL,
-    heartbeat REAL NOT NULL
-);
-"""
-
 
 class RunNotFound(KeyError):
     """No run with this id in the store."""
@@ -92,14 +59,6 @@ class RunNotFound(KeyError):
     def __str__(self) -> str:
         where = f" {self.root}" if self.root is not None else ""
         return f"no run with id {self.run_id!r} in the run store{where} (`python -m ferd runs` lists them)"
-
-
-class StoreError(ValueError):
-    """A request the store refuses: a malformed run id, an unknown status, deleting a running run."""
-
-
-class StoreReadOnly(StoreError):
-    """A write to a store opened read-only (its folder or database is not writable)."""
 
 
 class RunOwned(StoreError):
@@ -168,18 +127,6 @@ def _effective_status(status: str, owner: Owner | None, now: float) -> str:
     return "interrupted" if status in ACTIVE and _gone(owner, now) else status
 
 
-def _prepare_root(root: Path) -> bool:
-    """Create the store folder if needed; return True when it (or its database) is not writable."""
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"run store {root} is not a folder (point FERD_HOME or --store at a folder)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"cannot create the run store folder {root}: {e.strerror or e}") from e
-    db = root / DB_NAME
-    return not (os.access(root, os.W_OK) and (not db.exists() or os.access(db, os.W_OK)))
-
-
 def _json_default(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
@@ -197,49 +144,12 @@ class RunStore:
         self._lock = threading.RLock()
         self._held: set[str] = set()
         self._heartbeat: Heartbeat | None = None
-        self.readonly = _prepare_root(self.root)
+        db = open_db(self.root)
+        self._conn = db.conn
+        self.readonly = db.readonly
         """True when the store opened read-only (its folder or database is not writable)."""
-        try:
-            self._conn = self._connect_readonly() if self.readonly else self._connect()
-        except sqlite3.OperationalError as e:
-            if self.readonly or not self.db_path.exists():
-                raise StoreError(f"cannot open the run store {self.db_path}: {e}") from e
-            self.readonly = True  # e.g. read-only media that os.access does not report
-            self._conn = self._connect_readonly()
-        self._select = (f"SELECT {_COLUMNS}, {_OWNER} FROM runs LEFT JOIN leases USING (run_id)" if self._has_leases()
+        self._select = (f"SELECT {_COLUMNS}, {_OWNER} FROM runs LEFT JOIN leases USING (run_id)" if db.has_leases
                         else f"SELECT {_COLUMNS}, NULL, NULL, NULL FROM runs")
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        return conn
-
-    def _connect_readonly(self) -> sqlite3.Connection:
-        """mode=ro first (sees a live writer's WAL); immutable=1 where WAL's shared memory cannot be created."""
-        if not self.db_path.is_file():
-            raise StoreError(f"run store {self.root} is read-only and holds no {DB_NAME} yet")
-        last: sqlite3.Error | None = None
-        for flags in ("mode=ro", "immutable=1"):
-            conn = sqlite3.connect(f"file:{quote(str(self.db_path.resolve()))}?{flags}", uri=True,
-                                   isolation_level=None, check_same_thread=False)
-            try:
-                conn.execute("SELECT count(*) FROM runs").fetchone()
-            except sqlite3.Error as e:
-                conn.close()
-                last = e
-                continue
-            return conn
-        raise StoreError(f"cannot read the run store {self.db_path}: {last}")
-
-    def _has_leases(self) -> bool:
-        return bool(self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leases'")
-                    .fetchone())
 
     # ---- plumbing ----
     @contextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from app.jobs import JobRegistry
 from ferd import leases
 from ferd.cli import main
 from ferd.config import Config
@@ -46,6 +47,11 @@ def test_a_live_owner_keeps_its_run_and_a_second_writer_is_refused(holder, capsy
         with pytest.raises(RunOwned, match=f"pid {proc.pid} on host"):
             store.acquire(run_id)
         assert store.mark_interrupted() == []  # the dashboard's start-up sweep leaves it alone
+        assert store.get_run(run_id).status == "running"
+        registry = JobRegistry(store)
+        with pytest.raises(RunOwned, match=f"pid {proc.pid}"):  # the dashboard's Resume
+            registry.submit(Config(), resume_run_id=run_id)
+        registry.shutdown()
         assert store.get_run(run_id).status == "running"
     assert main(["-q", "--store", str(root), "run", "--resume", run_id]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]

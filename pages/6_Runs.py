@@ -30,19 +30,20 @@ for info in runs:
     rows.append({"run": info.run_id, "name": info.name, "status": info.status, "preset": preset_of(info.config),
                  "method": info.method, "dataset": info.dataset, "seed": info.seed,
                  "epochs": info.config.get("epochs"),
-                 "created": datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M"),
+                 "created": datetime.fromtimestamp(info.created).strftime("%m-%d %H:%M"),
                  "clean": h.get("clean_mean"), "PGD-20 mean": h.get("pgd20_mean"),
                  "PGD-20 worst": h.get("pgd20_worst"), "NSD": h.get("pgd20_nsd")})
-# Metric columns sized to their content and a fixed width for NSD (the last column), so the table fits the page
-# without clipping it, however long the run names are.
-percent = st.column_config.NumberColumn(format="%.1f%%", width="small")
+# Fits the page at 1400 px without clipping the last column (NSD): metrics in %, the name column only when a
+# run has a name, the date without its year.
+percent = st.column_config.NumberColumn(format="%.1f%%")
 frame = pd.DataFrame(rows)
 for column in ("clean", "PGD-20 mean", "PGD-20 worst"):
     frame[column] = pd.to_numeric(frame[column]) * 100
+if not frame["name"].astype(bool).any():
+    frame = frame.drop(columns="name")
 st.dataframe(frame, hide_index=True, width="stretch",
              column_config={"clean": percent, "PGD-20 mean": percent, "PGD-20 worst": percent,
-                            "NSD": st.column_config.NumberColumn(format="%.3f", width=70),
-                            "name": st.column_config.TextColumn(width="medium")})
+                            "NSD": st.column_config.NumberColumn(format="%.3f")})
 
 infos = {r.run_id: r for r in runs}
 run_id = st.selectbox("Run", list(infos), key="runs-pick",

@@ -170,7 +170,7 @@ def synthesis_chart(frame: pd.DataFrame) -> go.Figure:
         fig.add_hrect(y0=low * 100, y1=high * 100, fillcolor="firebrick", opacity=0.15, line_width=0, row=2, col=1)
     fig.update_yaxes(range=[0, 102], title_text="%", row=1, col=1)
     fig.update_yaxes(range=[0, 100], title_text="% of features", row=2, col=1)
-    fig.update_xaxes(epoch_axis(frame["epoch"]), row=1, col=1)
+    fig.update_xaxes({**epoch_axis(frame["epoch"]), "title": None}, row=1, col=1)  # shared: titled below only
     fig.update_xaxes(epoch_axis(frame["epoch"]), row=2, col=1)
     fig.update_layout(title=title, **LAYOUT)
     return fig

@@ -222,3 +222,20 @@ def test_upscale_nearest_repeats_pixels_and_drops_grey_channel():
     assert (out[0, :4, :4] == 0).all() and (out[0, 4:, 4:] == 3).all()
     rgb = upscale_nearest(np.zeros((2, 16, 16, 3), np.uint8))
     assert rgb.shape == (2, 64, 64, 3)
+
+
+def test_the_worker_does_not_rerun_the_parents_main_script(tmp_path, monkeypatch):
+    """Under `streamlit run` the app script is `__main__`; a spawned worker must not execute it again."""
+    marker = tmp_path / "ran"
+    script = tmp_path / "app_script.py"
+    script.write_text(f"open({str(marker)!r}, 'w').write('the worker ran the app script')\n")
+    app_main = types.ModuleType("__main__")
+    app_main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", app_main)
+    svc = UmapService()
+    try:
+        assert svc._call(umap_worker.pid) != os.getpid()
+    finally:
+        svc.close()
+    assert not marker.exists()
+    assert sys.modules["__main__"] is app_main  # put back after the worker started

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +24,12 @@ import torch.nn.functional as F
 
 from ferd import atomic
 from ferd.augment import augment
-from ferd.background import pumped
 from ferd.config import Config, ConfigError, from_dict, to_dict
 from ferd.data import DataError, dataset_info, test_split, train_split
 from ferd.device import resolve_device, set_threads
 from ferd.diagnostics import attack_problems, synthesis_problems
 from ferd.distillation import AttackTally, student_loss, training_attack
-from ferd.evaluation import Evaluation, Interrupted, evaluate
+from ferd.evaluation import Interrupted
 from ferd.events import (
     AttackTargets,
     CheckpointSaved,
@@ -46,15 +45,15 @@ from ferd.events import (
     RunStopped,
     RunWarning,
     SamplesSynthesised,
-    StageProgress,
     StudentProgress,
 )
 from ferd.feature_split import split_teacher_features
 from ferd.models import Generator as ImageGenerator
 from ferd.models import create_model
 from ferd.reweighting import class_scores, class_weights, teacher_margins
+from ferd.stages import evaluation_stage, teacher_stage
 from ferd.synthesis import NonFiniteLoss, Synthesizer
-from ferd.teachers import TeacherError, load_teacher, will_train
+from ferd.teachers import TeacherError
 from ferd.weights import WeightsError, read_weights
 from ferd.weights import load_student as load_student  # re-exported: ferd.engine.load_student
 
@@ -62,7 +61,6 @@ CHECKPOINT = "checkpoint.pt"
 STUDENT = "student.pt"
 EXPECTED_ERRORS = (ConfigError, DataError, TeacherError, NonFiniteLoss, FileNotFoundError, atomic.DiskFull,
                    WeightsError)
-TEACHER_STAGE = "training the embedded teacher (first use only)"
 
 
 class Stopped(Exception):
@@ -144,20 +142,11 @@ def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path
 def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
          epoch_box: list[int]) -> Iterator[Event]:
     t_start = time.perf_counter()
-    # Training the embedded teacher on first use: a stage before RunStarted, announced at once, stoppable per epoch.
-    if will_train(cfg):
-        yield StageProgress(epoch=0, stage="teacher", step=0, total_steps=cfg.teacher_epochs, label=TEACHER_STAGE)
     set_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset)
     c = info.num_classes
-    def teacher_work(emit: Callable[[Event], None]) -> tuple:
-        def progress(done: int, total: int) -> None:
-            emit(StageProgress(epoch=0, stage="teacher", step=done, total_steps=total, label=TEACHER_STAGE))
-            _check_stop(stop)
-        return load_teacher(cfg, device, progress=progress)
-
-    teacher, tinfo = yield from pumped(teacher_work)
+    teacher, tinfo = yield from teacher_stage(cfg, device, stop=lambda: _check_stop(stop))
     x_test, y_test = test_split(cfg.dataset, cfg.data_root)
     # Seeded after the teacher: training it on first use must not change what this run does.
     seed_everything(cfg.seed)
@@ -208,7 +197,8 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 t = time.perf_counter()
                 final = epoch == cfg.epochs
-                result = yield from _evaluate(cfg, student, x_test, y_test, c, device, stop, epoch, final)
+                result = yield from evaluation_stage(cfg, student, x_test, y_test, num_classes=c, device=device,
+                                                     stop=stop.is_set, epoch=epoch, final=final)
                 phase["evaluation"] = time.perf_counter() - t
                 yield Evaluated(epoch=epoch, correct=result.correct, totals=result.totals,
                                 subset_totals=result.subset_totals, final=final, wall_s=phase["evaluation"],
@@ -331,22 +321,6 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
     strength = tally.event(epoch)
     yield strength
     yield from _warn(state, epoch, attack_problems(strength.success_rate, strength.reference_success_rate))
-
-
-def _evaluate(cfg: Config, student: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, c: int, device: torch.device,
-              stop: threading.Event, epoch: int, final: bool) -> Generator[Event, None, Evaluation]:
-    """Phase D: the evaluation's attacks on the real test split, yielding a StageProgress per unit of work."""
-
-    def work(emit: Callable[[Event], None]) -> Evaluation:
-        def progress(label: str, done: int, total: int) -> None:
-            emit(StageProgress(epoch=epoch, stage="evaluation", step=done, total_steps=total, label=label))
-        attacks = cfg.final_attacks if final else cfg.eval_attacks
-        return evaluate(student, x_test, y_test, num_classes=c, attacks=attacks, eps=cfg.eps,
-                        step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
-                        batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device, seed=cfg.seed,
-                        should_stop=stop.is_set, progress=progress)
-
-    return (yield from pumped(work))
 
 
 def _save_checkpoint(path: Path, cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer,

@@ -38,6 +38,8 @@ CACHE_VERSION = "v1"
 """Bump when the training recipe changes, so stale cached teachers are not reused."""
 
 Progress = Callable[[int, int], None]
+"""progress(epochs done, epochs in all): called before every training batch and after every epoch, so a caller
+can also stop the training (by raising) within one batch."""
 
 
 class TeacherError(ValueError):
@@ -194,6 +196,8 @@ def train_embedded(arch: str, *, epochs: int, device: torch.device,
         for epoch in range(1, epochs + 1):
             order = torch.randperm(len(x_train), device=device)
             for i in range(0, len(order), EMBEDDED_BATCH):
+                if progress is not None:
+                    progress(epoch - 1, epochs)
                 idx = order[i:i + EMBEDDED_BATCH]
                 xb, yb = x_train[idx], y_train[idx]
                 x_adv = pgd(model, xb, yb, eps=EMBEDDED_EPS, steps=EMBEDDED_STEPS, step_size=EMBEDDED_EPS / 4)

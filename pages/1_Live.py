@@ -1,5 +1,6 @@
 """Live run: configure, start / stop / resume, and watch a run's charts update while it trains."""
 
+import time
 from collections import Counter
 
 import streamlit as st
@@ -14,6 +15,7 @@ from ferd.labels import run_label
 from ferd.teachers import TeacherError
 
 POLL_S = 1.0
+FIRST_EVENT_WAIT_S = 1.0
 RUN_KEY = "live-run"
 
 registry = get_registry()
@@ -39,7 +41,10 @@ with st.expander("Configure another run" if busy else "Configure a run", expande
             cfg = None
     name = st.text_input("Run name (optional)", key="live-name")
     if st.button("Start", type="primary", disabled=cfg is None, key="live-start"):
-        st.session_state[RUN_KEY] = registry.submit(cfg, name=name)
+        st.session_state[RUN_KEY] = started = registry.submit(cfg, name=name)
+        deadline = time.monotonic() + FIRST_EVENT_WAIT_S  # draw the run with its first event (e.g. its teacher stage)
+        while registry.is_alive(started) and not registry.events(started) and time.monotonic() < deadline:
+            time.sleep(0.05)
         st.rerun()  # redraw with the form collapsed
 
 runs = store.list_runs()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ferd import engine, experiments
+from ferd import engine, experiments, stages
 from ferd.diagnostics import synthesis_problems
 from ferd.events import (
     AttackTargets,
@@ -140,7 +140,7 @@ def test_a_bad_checkpoint_path_fails_cleanly(tiny_cfg):
 
 def test_teacher_stays_frozen_through_a_run(tiny_cfg, monkeypatch):
     captured = {}
-    real = engine.load_teacher
+    real = stages.load_teacher
 
     def spy(cfg, device, progress=None):
         model, info = real(cfg, device)
@@ -148,7 +148,7 @@ def test_teacher_stays_frozen_through_a_run(tiny_cfg, monkeypatch):
         captured["state"] = {k: v.clone() for k, v in model.state_dict().items()}
         return model, info
 
-    monkeypatch.setattr(engine, "load_teacher", spy)
+    monkeypatch.setattr(stages, "load_teacher", spy)
     events = list(engine.run(tiny_cfg))
     assert isinstance(events[-1], RunFinished)
     model = captured["model"]
@@ -219,15 +219,15 @@ def test_first_use_teacher_training_is_a_stage_before_run_started(tiny_cfg, tmp_
     from ferd.experiments import run_record
     from ferd.store import RunStore
 
-    real = engine.load_teacher
+    real = stages.load_teacher
 
     def training(cfg, device, progress=None):
         for epoch in range(1, cfg.teacher_epochs + 1):  # what train_embedded reports on first use
             progress(epoch, cfg.teacher_epochs)
         return real(cfg, device)
 
-    monkeypatch.setattr(engine, "will_train", lambda cfg: True)
-    monkeypatch.setattr(engine, "load_teacher", training)
+    monkeypatch.setattr(stages, "will_train", lambda cfg: True)
+    monkeypatch.setattr(stages, "load_teacher", training)
     cfg = tiny_cfg.replace(epochs=2, warmup_epochs=1)
     with RunStore(tmp_path / "store") as store:
         run_id = execute(cfg, store)
@@ -245,7 +245,7 @@ def test_first_use_teacher_training_is_a_stage_before_run_started(tiny_cfg, tmp_
 
 def test_stop_during_the_final_evaluation_ends_the_run_as_stopped(tiny_cfg, monkeypatch):
     """The last epoch's evaluation (AutoAttack on the digits preset) takes the stop request too."""
-    real = engine.evaluate
+    real = stages.evaluate
     stop = threading.Event()
 
     def stopped_midway(*args, **kw):
@@ -253,7 +253,7 @@ def test_stop_during_the_final_evaluation_ends_the_run_as_stopped(tiny_cfg, monk
         return real(*args, **kw)
 
     cfg = tiny_cfg.replace(epochs=1, warmup_epochs=0)
-    monkeypatch.setattr(engine, "evaluate", stopped_midway)
+    monkeypatch.setattr(stages, "evaluate", stopped_midway)
     events = list(engine.run(cfg, stop))
     assert isinstance(events[-1], RunStopped)
     assert "evaluated" not in kinds(events)

@@ -83,13 +83,13 @@ def _stop(proc: subprocess.Popen) -> bool:
 
 
 @contextmanager
-def serve(home: Path, work: Path) -> Iterator[AppServer]:
-    """`streamlit run app/main.py` on the run store `home` with the real engine, output under `work`; on exit
-    stops it and checks a clean exit."""
+def serve(home: Path, work: Path, cache_dir: str | None = None) -> Iterator[AppServer]:
+    """`streamlit run app/main.py` on the run store `home` with the real engine, output under `work`, the teacher
+    cache `cache_dir` (default: the test session's); on exit stops it and checks a clean exit."""
     port = _free_port()
     server = AppServer(url=f"http://127.0.0.1:{port}", home=home, stdout=work / "stdout.log",
                        stderr=work / "stderr.log")
-    env = dict(os.environ, FERD_HOME=str(home), FERD_CACHE_DIR=os.environ["FERD_CACHE_DIR"])
+    env = dict(os.environ, FERD_HOME=str(home), FERD_CACHE_DIR=cache_dir)
     env.pop("FERD_FAKE_ENGINE", None)  # these tests drive the real engine
     cmd = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -115,6 +115,17 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     home = work / "ferd-home"
     home.mkdir()
     with serve(home, work) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_cache_server(tmp_path: Path) -> Iterator[AppServer]:
+    """The dashboard on a fresh store and an empty teacher cache: a first run trains its teacher, as on a
+    newcomer's machine."""
+    home, cache = tmp_path / "ferd-home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    with serve(home, tmp_path, str(cache)) as server:
         yield server
 
 

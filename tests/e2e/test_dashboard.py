@@ -23,6 +23,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 expect = playwright_api.expect
 
 from ferd.config import load_preset  # noqa: E402
+from ferd.labels import started_at  # noqa: E402
 from ferd.store import RunStore  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -122,8 +123,8 @@ def start_run(page, server: AppServer, method_label: str) -> tuple[str, float]:
         assert time.monotonic() < deadline, "pressing Start created no run in the store"
         time.sleep(POLL_S)
     (run_id,) = new
-    expect(page.get_by_role("combobox", name="Run", exact=True)).to_have_value(re.compile(re.escape(run_id)),
-                                                                               timeout=UI_TIMEOUT_MS)
+    expect(page.get_by_role("combobox", name="Run", exact=True)).to_have_value(
+        re.compile(re.escape(started_at(run_id))), timeout=UI_TIMEOUT_MS)
     return run_id, clicked
 
 
@@ -185,7 +186,10 @@ def test_live_run_charts_appear_and_update(app_page, app_server: AppServer) -> N
 
 def test_pages_over_a_ferd_dfrd_pair(app_page, app_server: AppServer) -> None:
     page = app_page
-    if not run_ids(app_server, method="ferd", status="finished"):  # when run on its own
+    ferd_ids = run_ids(app_server, method="ferd", status="finished")
+    if ferd_ids:
+        ferd_id = max(ferd_ids)
+    else:  # when run on its own
         ferd_id, _ = start_run(page, app_server, "FERD")
         wait_finished(page, app_server, ferd_id)
     dfrd_id, clicked = start_run(page, app_server, "DFRD (vanilla baseline)")
@@ -195,6 +199,11 @@ def test_pages_over_a_ferd_dfrd_pair(app_page, app_server: AppServer) -> None:
 
     open_page(page, "Compare", "Compare runs")
     expect(page.locator(f"{MAIN} .js-plotly-plot").first).to_be_visible(timeout=UI_TIMEOUT_MS)
+    # Labels tell the runs apart: preset (not the dataset), method, seed, epochs and start time.
+    epochs = load_preset(PRESET).epochs
+    for method, run_id in (("ferd", ferd_id), ("dfrd", dfrd_id)):
+        label = f"{PRESET} · {method} · seed 0 · {epochs} ep · {started_at(run_id)}"
+        expect(page.locator(f'{MAIN} [data-baseweb="tag"]').filter(has_text=label)).to_have_count(1)
     page.wait_for_function(f"() => ({BAR_TRACES_JS})() >= 2", timeout=UI_TIMEOUT_MS)
     expect(page.get_by_text("Missing counterpart", exact=False)).to_have_count(0)
     expect(page.get_by_role("tab")).not_to_have_count(0)
@@ -223,6 +232,7 @@ def test_pages_over_a_ferd_dfrd_pair(app_page, app_server: AppServer) -> None:
 
     open_page(page, "Runs", "Runs")
     expect(page.locator(f'{MAIN} [data-testid="stDataFrame"]')).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(page.get_by_role("combobox", name="Run", exact=True)).to_have_value(re.compile(rf"^{PRESET} · "))
     expect(page.get_by_role("button", name="Metrics (CSV)")).to_be_visible(timeout=UI_TIMEOUT_MS)
     assert_no_exception(page)
     save_screenshot(page, "runs.png")

@@ -10,17 +10,21 @@ stand in a fake `umap` module).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import streamlit as st
 
+from app import reference
 from app.embedding import UmapService
 from app.frames import headline
 from app.jobs import JobRegistry, RunFn
 from ferd import events as ev
+from ferd.pack import Pack
 from ferd.store import RunStore
 
 FAKE_ENGINE_ENV = "FERD_FAKE_ENGINE"
 UMAP_PROCESS_ENV = "FERD_UMAP_PROCESS"
+PACK_DIR_ENV = "FERD_PACK_DIR"
 
 
 def _engine_override() -> RunFn | None:
@@ -62,6 +66,12 @@ def get_umap_service() -> UmapService:
     service = UmapService(isolate=os.environ.get(UMAP_PROCESS_ENV, "1") != "0")
     service.warm_up()
     return service
+
+
+@st.cache_resource(show_spinner=False)
+def get_pack() -> Pack | None:
+    """The reference pack ($FERD_PACK_DIR, default assets/reference), opened read-only; None without one."""
+    return reference.load(Path(os.environ.get(PACK_DIR_ENV) or reference.PACK_DIR))
 
 
 @st.cache_resource(max_entries=16, show_spinner=False)

@@ -34,6 +34,7 @@ from ferd.data import DataError
 from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
 from ferd.experiments import RunError
 from ferd.labels import preset_of, run_label
+from ferd.pack import add_command as add_pack_command
 from ferd.store import ACTIVE, RunNotFound, RunOwned, RunStore, StoreError
 from ferd.teachers import TeacherError
 from ferd.weights import WeightsError
@@ -439,6 +440,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--epochs", type=int, default=3)
     p.set_defaults(func=cmd_bench)
+
+    add_pack_command(sub)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 import streamlit as st
 
+from app import reference
 from app.analysis import (
     CEILING_METHOD,
     USABLE,
@@ -14,7 +15,7 @@ from app.analysis import (
     run_label,
     summary_table,
 )
-from app.state import get_registry, get_store, run_events
+from app.state import get_pack, get_registry, get_store, run_events
 from ferd import labels
 from ferd.config import ConfigError
 from ferd.experiments import ATTACK_ORDER, run_record
@@ -24,7 +25,10 @@ st.caption("Per-class accuracy under each attack, deltas against a pinned baseli
            "runs that differ only by seed are pooled into mean ± std.")
 
 store = get_store()
-runs = [r for r in store.list_runs() if r.status in (*USABLE, "failed")]
+src = reference.source([r for r in store.list_runs() if r.status in (*USABLE, "failed")], run_events, get_pack())
+runs, run_events = src.runs, src.events  # the reference pack's runs while the user has none
+if src.pack is not None:
+    st.info(reference.caption(src.pack))
 if not runs:
     st.info("No runs to compare yet. Start a **FERD** run and a **DFRD** run (same preset and seed) on the "
             "**Live run** page; the `smoke` preset finishes in seconds.")

@@ -8,9 +8,10 @@ grid's runs, and progress survives a reload and shows in every tab.
 
 import streamlit as st
 
+from app import reference
 from app.ablation import SWEEPABLE, between, candidate_values, is_int, label, match_grid, unqueued
 from app.analysis import ablation_figure
-from app.state import get_registry, get_store, run_events
+from app.state import get_pack, get_registry, get_store, run_events
 from ferd.config import Config, ConfigError, load_preset, preset_names
 from ferd.experiments import ablation_configs, ablation_table, markdown_ablation_table, run_record
 
@@ -113,3 +114,7 @@ def grid_progress(configs: list[Config], param: str, method: str) -> None:
 st.subheader(f"Grid over {label(param)}")
 if configs:
     grid_progress(configs, param, base.method)
+
+pack = get_pack()
+if pack is not None:
+    reference.ablation_panel(pack, param, lambda cfg, name: get_registry().submit(cfg, name=name))

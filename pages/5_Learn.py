@@ -7,6 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from app import reference
 from app.analysis import USABLE, compare_figure, compare_frame, default_pair, teacher_figure, teacher_key
 from app.charts import losses_chart, synthesis_chart, targets_heatmap, weights_chart
 from app.frames import (
@@ -18,7 +19,7 @@ from app.frames import (
     targets_matrix,
     weights_frame,
 )
-from app.state import get_registry, get_store, run_events
+from app.state import get_pack, get_registry, get_store, run_events
 from ferd import events as ev
 from ferd.config import ConfigError, load_preset
 from ferd.experiments import compare_configs, run_record
@@ -32,7 +33,10 @@ QUICK_PRESET = "smoke"
 st.title("Learn: robust fairness in data-free distillation")
 
 store = get_store()
-runs = [r for r in store.list_runs() if r.status in USABLE]
+src = reference.source([r for r in store.list_runs() if r.status in USABLE], run_events, get_pack())
+runs, run_events = src.runs, src.events  # the reference pack's runs while the user has none
+if src.pack is not None:
+    st.info(reference.caption(src.pack))
 if not runs:
     st.info("This tour draws its charts from your own runs, and there is none yet. Start a **FERD** run and a "
             "**DFRD** run with the same preset and seed on the **Live run** page (the `smoke` preset takes "

@@ -11,6 +11,9 @@ from ferd.config import Config, load_preset
 os.environ.setdefault("FERD_CACHE_DIR", tempfile.mkdtemp(prefix="ferd-test-cache-"))
 # Runs made by tests never land in the user's run store.
 os.environ.setdefault("FERD_HOME", tempfile.mkdtemp(prefix="ferd-test-home-"))
+# Pages see no reference pack unless a test points FERD_PACK_DIR at one (assets/reference would change what an
+# empty store shows).
+os.environ.setdefault("FERD_PACK_DIR", os.path.join(tempfile.mkdtemp(prefix="ferd-test-pack-"), "none"))
 torch.set_num_threads(1)
 
 

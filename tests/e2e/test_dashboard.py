@@ -203,7 +203,7 @@ def test_pages_over_a_ferd_dfrd_pair(app_page, app_server: AppServer) -> None:
     epochs = load_preset(PRESET).epochs
     for method, run_id in (("ferd", ferd_id), ("dfrd", dfrd_id)):
         label = f"{PRESET} · {method} · seed 0 · {epochs} ep · {started_at(run_id)}"
-        expect(page.locator(f'{MAIN} [data-baseweb="tag"]').filter(has_text=label)).to_have_count(1)
+        expect(page.locator(MAIN).get_by_text(label).first).to_be_attached()  # run picker and chart legend
     page.wait_for_function(f"() => ({BAR_TRACES_JS})() >= 2", timeout=UI_TIMEOUT_MS)
     expect(page.get_by_text("Missing counterpart", exact=False)).to_have_count(0)
     expect(page.get_by_role("tab")).not_to_have_count(0)

@@ -1,0 +1,219 @@
+"""The reference results pack: a compact, read-only run store built by the project's own engine, so the
+dashboard answers (Learn, Compare, Ablation) before anyone trains anything.
+
+`python -m ferd pack --out assets/reference` runs ferd / dfrd / real-data x seeds on a preset plus a w_uni
+sweep and a utae_weight (lambda_u) sweep at the first seed, through `experiments.run_many`, then keeps only
+what the pages read: every evaluation, class-weight, warning and attack event, the last step of each
+epoch's losses, and the synthesised samples of the first and last epochs. Layout of the folder:
+
+  manifest.json  commit, command, machine, date, engine version, preset, seeds, and one entry per run
+                 (run id, role, name, config)
+  runs.db        the pruned run store (SQLite, no WAL; open a copy: `open_pack`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferd import atomic
+from ferd.config import Config, load_preset, to_dict
+from ferd.store import DB_NAME, RunStore
+
+MANIFEST = "manifest.json"
+MAX_RUNS = 25
+W_UNI_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0)
+UTAE_WEIGHT_VALUES = (0.0, 2.0, 5.0, 10.0, 20.0)
+ENGINE_DIR = Path(__file__).resolve().parent
+# Sources that do not change what a run computes: left out of the engine version.
+_NOT_RESULTS = {"__init__.py", "__main__.py", "atomic.py", "bench.py", "cli.py", "experiments.py", "labels.py",
+                "pack.py", "runner.py", "store.py", "store_db.py"}
+# Per-step events kept only at their epoch's last step; events dropped entirely.
+_LAST_STEP_ONLY = ("generator_progress", "student_progress")
+_DROPPED = ("stage_progress",)
+
+
+class PackError(ValueError):
+    """A pack folder that is missing or unreadable; the message names the file."""
+
+
+@dataclass(frozen=True)
+class PackPlan:
+    """The runs of a pack: configs, their names and roles (`compare`, or the swept field's name)."""
+
+    configs: list[Config]
+    names: list[str]
+    roles: list[str]
+
+
+@dataclass(frozen=True)
+class Pack:
+    """An opened pack: its manifest, a run store over a private copy of runs.db, and whether the engine has
+    changed since it was built."""
+
+    root: Path
+    manifest: dict[str, Any]
+    store: RunStore
+    stale: bool
+
+
+def engine_version(root: Path = ENGINE_DIR) -> str:
+    """First 12 hex digits of a SHA-256 over the ferd sources that affect results (paths and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if path.name in _NOT_RESULTS or "__pycache__" in path.parts:
+            continue
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def plan(preset: str, seeds: Sequence[int], *, w_uni: Sequence[float] = W_UNI_VALUES,
+         utae_weight: Sequence[float] = UTAE_WEIGHT_VALUES, **overrides: Any) -> PackPlan:
+    """ferd / dfrd / real-data x seeds, then w_uni and utae_weight sweeps of FERD at the first seed; a sweep
+    point equal to a run already planned is not run twice. At most MAX_RUNS runs."""
+    base = load_preset(preset, **overrides)
+    configs: list[Config] = []
+    names: list[str] = []
+    roles: list[str] = []
+
+    def add(cfg: Config, name: str, role: str) -> None:
+        if cfg not in configs:
+            configs.append(cfg)
+            names.append(name)
+            roles.append(role)
+
+    for seed in seeds:
+        for method in ("ferd", "dfrd", "real-data"):
+            add(base.for_method(method).replace(seed=seed), f"reference {method} seed {seed}", "compare")
+    first = base.for_method("ferd").replace(seed=seeds[0])
+    for field, values in (("w_uni", w_uni), ("utae_weight", utae_weight)):
+        for v in values:
+            add(first.replace(**{field: float(v)}), f"reference {field}={float(v):g} seed {seeds[0]}", field)
+    if len(configs) > MAX_RUNS:
+        raise ValueError(f"pack: {len(configs)} runs planned, at most {MAX_RUNS}")
+    return PackPlan(configs=configs, names=names, roles=roles)
+
+
+def _machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.node()} ({platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__})"
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ENGINE_DIR, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ferd"], cwd=ENGINE_DIR, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (ferd/ modified)" if dirty else "")
+
+
+def prune(db_path: Path) -> None:
+    """Drop what the pages do not read (see the module docstring) and compact the file into one self-contained
+    SQLite file (no WAL)."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute(f"DELETE FROM events WHERE kind IN ({', '.join('?' * len(_DROPPED))})", _DROPPED)
+        conn.execute(f"DELETE FROM events WHERE kind IN ({', '.join('?' * len(_LAST_STEP_ONLY))}) AND "
+                     "json_extract(data, '$.step') != json_extract(data, '$.total_steps')", _LAST_STEP_ONLY)
+        conn.execute("DELETE FROM events WHERE kind = 'samples_synthesised' AND epoch != 1 AND epoch != "
+                     "(SELECT MAX(e.epoch) FROM events e WHERE e.run_id = events.run_id "
+                     "AND e.kind = 'samples_synthesised')")
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+
+
+def build(out: Path, pack_plan: PackPlan, *, command: str, **run_many_options: Any) -> Path:
+    """Run the plan into a fresh store, prune it, and write out/runs.db and out/manifest.json (replacing a
+    previous pack there). Returns the manifest's path; raises RuntimeError when a run did not finish."""
+    from ferd.experiments import run_many
+
+    with tempfile.TemporaryDirectory(prefix="ferd-pack-") as tmp:
+        with RunStore(Path(tmp) / "store") as store:
+            records = run_many(pack_plan.configs, store, names=pack_plan.names, **run_many_options)
+            failed = [r["run_id"] for r in records if r.get("status") != "finished"]
+            if failed or len(records) != len(pack_plan.configs):
+                raise RuntimeError(f"pack: runs did not finish: {failed or 'stopped early'}")
+            runs = [{"run_id": r["run_id"], "role": role, "name": name, "config": to_dict(cfg)}
+                    for r, role, name, cfg in zip(records, pack_plan.roles, pack_plan.names, pack_plan.configs,
+                                                  strict=True)]
+            db = Path(tmp) / "store" / DB_NAME
+        prune(db)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(db, out / f".{DB_NAME}.tmp")
+        os.replace(out / f".{DB_NAME}.tmp", out / DB_NAME)
+    manifest = {"commit": _commit(), "command": command, "machine": _machine(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "engine_version": engine_version(),
+                "preset": pack_plan.configs[0].preset, "runs": runs}
+    path = out / MANIFEST
+    atomic.write_text(path, json.dumps(manifest, indent=1))
+    return path
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise PackError(f"{path}: no pack manifest") from e
+    except json.JSONDecodeError as e:
+        raise PackError(f"{path}: not a pack manifest ({e})") from e
+
+
+def open_pack(root: Path, workdir: Path | None = None) -> Pack:
+    """The pack at `root`, its runs.db copied into `workdir` (a new temporary folder by default) so that
+    opening it never writes into the pack."""
+    manifest = read_manifest(root)
+    db = root / DB_NAME
+    if not db.is_file():
+        raise PackError(f"{db}: the pack has no run store")
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ferd-pack-view-"))
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(db, work / DB_NAME)
+    return Pack(root=root, manifest=manifest, store=RunStore(work),
+                stale=manifest.get("engine_version") != engine_version())
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """`python -m ferd pack`: build the pack, print where it went, its size and its runs."""
+    pack_plan = plan(args.preset, args.seeds, w_uni=args.w_uni, utae_weight=args.utae_weight,
+                     **({"num_threads": args.threads} if args.threads else {}))
+    print(f"pack: {len(pack_plan.configs)} runs of preset {args.preset!r} -> {args.out}", file=sys.stderr)
+    manifest = build(Path(args.out), pack_plan, command="python -m ferd " + " ".join(sys.argv[1:]))
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
+    print(f"{manifest} ({size / 2**20:.1f} MiB in {args.out})")
+    return 0
+
+
+def add_command(sub: Any) -> None:
+    """The `pack` subcommand on the CLI's subparsers."""
+    p = sub.add_parser("pack", help="build the reference results pack the dashboard shows before any run")
+    p.add_argument("--out", default="assets/reference", help="pack folder (default: assets/reference)")
+    p.add_argument("--preset", default="digits", help="preset of every run (default: digits)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of ferd / dfrd / real-data")
+    p.add_argument("--w-uni", nargs="+", type=float, default=list(W_UNI_VALUES),
+                   help="w_uni values swept at the first seed")
+    p.add_argument("--utae-weight", nargs="+", type=float, default=list(UTAE_WEIGHT_VALUES),
+                   help="utae_weight (lambda_u) values swept at the first seed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: the preset's)")
+    p.set_defaults(func=cmd_pack)

@@ -211,7 +211,8 @@ def test_error_bars_are_mean_plus_minus_std_with_the_lower_bar_stopping_at_zero(
 
 
 def test_default_selection_prefers_a_full_preset_pair_to_a_newer_smoke_pair():
-    runs = [Info("f-smoke", "ferd", 0, preset="smoke"), Info("d-smoke", "dfrd", 0, preset="smoke"),
+    smoke = {"preset": "smoke", "teacher_epochs": 2, "epochs": 3, "warmup_epochs": 1}
+    runs = [Info("f-smoke", "ferd", 0, **smoke), Info("d-smoke", "dfrd", 0, **smoke),
             Info("f-full", "ferd", 0, preset="digits"), Info("d-full", "dfrd", 0, preset="digits")]
     assert default_selection(runs) == ["f-full", "d-full"]
     # With smoke runs only, the smoke pair is still the answer.

@@ -318,3 +318,24 @@ def teacher_figure(teacher: Mapping[str, Any], class_names: Sequence[str] | None
                       yaxis_title="accuracy (%)", yaxis_range=[0, 105], **LAYOUT)
     fig.update_xaxes(type="category")
     return fig
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def attack_strength_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Per run: its training attack's success rate and target entropy (last 5 epochs), the untargeted reference's,
+    and their ratio, in % (results.json `training_attack`); runs without a distillation epoch are left out."""
+    rows = []
+    for r in records:
+        t = r.get("training_attack") or {}
+        if t.get("success_rate") is None:
+            continue
+        rows.append({"run": run_label(r), "UTAE mode": r["config"].get("utae_mode", ""),
+                     "λ_u": r["config"].get("utae_weight"), "attack success": _fmt(t["success_rate"], ".0%"),
+                     "untargeted reference": _fmt(t.get("reference_success_rate"), ".0%"),
+                     "ratio": _fmt(t.get("strength_ratio"), ".0%"),
+                     "target entropy": _fmt(t.get("target_entropy"), ".2f"),
+                     "reference entropy": _fmt(t.get("reference_target_entropy"), ".2f")})
+    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()

@@ -174,3 +174,25 @@ def synthesis_chart(frame: pd.DataFrame) -> go.Figure:
     fig.update_xaxes(epoch_axis(frame["epoch"]), row=2, col=1)
     fig.update_layout(title=title, **LAYOUT)
     return fig
+
+
+def attack_strength_chart(frame: pd.DataFrame) -> go.Figure:
+    """The training attack against the untargeted reference, per epoch in %: success rate (share of adversarial
+    examples the student assigns to a class other than the attacked label) and target entropy (how evenly each
+    class's successes spread over the other classes); the reference as markers on the epochs it ran."""
+    title = "Training-attack strength"
+    if frame.empty:
+        return _empty(title, "No distillation epoch yet")
+    fig = go.Figure()
+    ref = frame.dropna(subset=["reference_success_rate"])
+    for col, name, color in (("success_rate", "success rate", "#1f77b4"), ("target_entropy", "target entropy",
+                                                                          "#ff7f0e")):
+        fig.add_trace(go.Scatter(x=frame["epoch"], y=frame[col] * 100, mode="lines+markers", name=name,
+                                 line={"color": color}))
+        fig.add_trace(go.Scatter(x=ref["epoch"], y=ref[f"reference_{col}"] * 100, mode="markers",
+                                 name=f"{name}, untargeted reference", marker={"symbol": "x", "size": 10,
+                                                                               "color": color}))
+    fig.update_yaxes(range=[0, 102], title_text="%")
+    fig.update_xaxes(epoch_axis(frame["epoch"]))
+    fig.update_layout(title=title, **LAYOUT)
+    return fig

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ferd import events as ev
-from ferd.diagnostics import LOW_TEACHER_ACC, ROBUST_FRACTION_BAND, synthesis_problems
+from ferd.diagnostics import LOW_TEACHER_ACC, ROBUST_FRACTION_BAND, WEAK_ATTACK_RATIO, synthesis_problems
 from ferd.metrics import class_metrics
 
 WEIGHT_COLUMNS = ["epoch", "class", "weight", "score"]
@@ -175,3 +175,38 @@ def synthesis_warnings(events: Sequence[ev.Event]) -> list[str]:
     problems = synthesis_problems(float(last["teacher_acc"]), float(last["robust_fraction"]),
                                   w_uni=float(config.get("w_uni", 1.0)), mask_rule=str(config.get("mask_rule", "?")))
     return [f"Latest batch (epoch {int(last['epoch'])}): {m}." for m in problems.values()]
+
+
+ATTACK_STRENGTH_COLUMNS = ["epoch", "success_rate", "target_entropy", "reference_success_rate",
+                           "reference_target_entropy"]
+
+
+def attack_strength_frame(events: Sequence[ev.Event]) -> pd.DataFrame:
+    """Per distillation epoch: the training attack's success rate and target entropy, and the untargeted
+    reference's (NaN on epochs without the reference)."""
+    rows = [{c: getattr(e, c) for c in ATTACK_STRENGTH_COLUMNS} for e in _of(events, ev.TrainingAttackStrength)]
+    return pd.DataFrame(rows, columns=ATTACK_STRENGTH_COLUMNS)
+
+
+def attack_strength_text(method: str, summary: dict) -> str:
+    """One paragraph on a run's training attack, told with its own numbers (`ferd.experiments.
+    training_attack_summary`); "" without a distillation epoch."""
+    if not summary or summary.get("success_rate") is None:
+        return ""
+
+    def entropy(key: str) -> str:
+        return "–" if summary.get(key) is None else f"{summary[key]:.2f}"
+
+    n = len(summary["epochs"])
+    text = (f"**{method.upper()}**: over its last {n} epoch{'s' * (n > 1)} the training attack changed the student's "
+            f"prediction on **{summary['success_rate']:.0%}** of its adversarial examples (target entropy "
+            f"{entropy('target_entropy')}, where 1 = each class pushed evenly to all others).")
+    ref, ratio = summary.get("reference_success_rate"), summary.get("strength_ratio")
+    if ref is None or ratio is None:
+        return text
+    text += (f" An untargeted KL-PGD on the same batches changed **{ref:.0%}** (target entropy "
+             f"{entropy('reference_target_entropy')}): the training attack keeps **{ratio:.0%}** of its strength.")
+    if ratio < WEAK_ATTACK_RATIO:
+        text += (" That is under half: the constraint has switched the attack off, and the student trains on nearly "
+                 "clean inputs.")
+    return text

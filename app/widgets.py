@@ -37,6 +37,15 @@ LABELS = {"w_uni": "uniformity weight w_uni", "c_min": "c_min", "c_max": "c_max"
           "reweight": "robustness-guided reweighting"}
 
 
+UTAE_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+"""The λ_u slider's stops: a log grid (the effect of λ_u spans orders of magnitude) plus 0."""
+
+
+def utae_weight_options(current: float) -> list[float]:
+    """The slider's stops, with the current value added where it is off the grid."""
+    return sorted({*UTAE_WEIGHTS, float(current)})
+
+
 def default_config() -> Config:
     """The embedded default preset, or the dataclass defaults while presets are unavailable."""
     try:
@@ -73,9 +82,14 @@ def config_form(defaults: Config, key: str) -> Config | None:
     values: dict[str, Any] = {}
     left, right = st.columns(2)
     with left:
-        for name in ("w_uni", "c_min", "c_max", "utae_weight"):
+        for name in ("w_uni", "c_min", "c_max"):
             values[name] = st.number_input(LABELS[name], value=float(getattr(base, name)), format="%.4g",
                                            key=f"{prefix}-{name}", help=field_doc(name) or None)
+        values["utae_weight"] = st.select_slider(
+            LABELS["utae_weight"], utae_weight_options(base.utae_weight), value=float(base.utae_weight),
+            format_func=lambda v: f"{v:g}", key=f"{prefix}-utae_weight",
+            help=(field_doc("utae_weight") + " Large values can switch the training attack off: the Live page "
+                  "shows its success rate against an untargeted reference."))
         for name in CHOICE_FIELDS:
             options = list(CHOICE_FIELDS[name])
             values[name] = st.selectbox(LABELS[name], options, index=options.index(getattr(base, name)),

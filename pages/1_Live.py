@@ -120,6 +120,23 @@ def _cached(name: str, key: tuple, build):
     return hit[1]
 
 
+def _strength_metrics(frame) -> None:
+    """The latest epoch's training-attack success rate and target entropy, and the latest reference beside them."""
+    if frame.empty:
+        return
+    last = frame.iloc[-1]
+    ref = frame.dropna(subset=["reference_success_rate"])
+    cols = st.columns(3)
+    cols[0].metric("attack success", f"{last['success_rate']:.0%}", help="Share of this epoch's adversarial examples "
+                   "the student (eval mode) assigns to a class other than y, the label the attack works against.")
+    cols[1].metric("target entropy", f"{last['target_entropy']:.2f}", help="Mean row entropy of the attack-target "
+                   "histogram / log(C-1): 1 = each class pushed evenly to all others.")
+    if not ref.empty:
+        r = ref.iloc[-1]
+        cols[2].metric(f"untargeted reference (epoch {int(r['epoch'])})", f"{r['reference_success_rate']:.0%}",
+                       help="An untargeted KL-PGD on the same batches: the strength the training attack gives up.")
+
+
 @st.fragment(run_every=POLL_S)
 def live_view(run_id: str, alive: bool) -> None:
     if alive and not registry.is_alive(run_id):
@@ -183,10 +200,16 @@ def live_view(run_id: str, alive: bool) -> None:
                 frames.targets_matrix(events, shown, source), names, title=title)), key="live-targets")
         else:
             st.caption("No attack targets yet.")
-    right.plotly_chart(_cached("synthesis", version, lambda: charts.synthesis_chart(frames.synthesis_frame(events))),
-                       key="live-synthesis")
-    st.plotly_chart(_cached("losses", version, lambda: charts.losses_chart(frames.losses_frame(events))),
-                    key="live-losses")
+    with right:
+        strength = _cached("strength-frame", version, lambda: frames.attack_strength_frame(events))
+        _strength_metrics(strength)
+        st.plotly_chart(_cached("strength", version, lambda: charts.attack_strength_chart(strength)),
+                        key="live-strength")
+    left, right = st.columns(2)
+    left.plotly_chart(_cached("synthesis", version, lambda: charts.synthesis_chart(frames.synthesis_frame(events))),
+                      key="live-synthesis")
+    right.plotly_chart(_cached("losses", version, lambda: charts.losses_chart(frames.losses_frame(events))),
+                       key="live-losses")
 
 
 live_view(run_id, alive)

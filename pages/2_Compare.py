@@ -6,6 +6,7 @@ from app import reference
 from app.analysis import (
     CEILING_METHOD,
     USABLE,
+    attack_strength_table,
     compare_figure,
     compare_frame,
     counterpart_config,
@@ -105,3 +106,12 @@ for tab, attack in zip(st.tabs(ordered), ordered, strict=True):
 st.subheader("Summary")
 st.caption("Mean and worst-class accuracy (%), NSD = std / mean over classes (lower is fairer).")
 st.dataframe(format_summary(summary_table(records, by_group=pooled)), width="stretch")
+
+strength = attack_strength_table(records)
+if not strength.empty:
+    st.subheader("Training-attack strength")
+    st.caption("Last 5 epochs: share of the training attack's adversarial examples the student assigns to a class "
+               "other than the attacked label, beside an untargeted KL-PGD on the same batches; target entropy 1 = "
+               "each class pushed evenly to all others. Under half the reference, the student trains on nearly "
+               "clean inputs.")
+    st.dataframe(strength, width="stretch")

@@ -11,6 +11,7 @@ from app import reference
 from app.analysis import USABLE, compare_figure, compare_frame, default_pair, teacher_figure, teacher_key
 from app.charts import losses_chart, synthesis_chart, targets_heatmap, weights_chart
 from app.frames import (
+    attack_strength_text,
     class_names,
     losses_frame,
     reweighting,
@@ -22,7 +23,7 @@ from app.frames import (
 from app.state import get_pack, get_registry, get_store, run_events
 from ferd import events as ev
 from ferd.config import ConfigError, load_preset
-from ferd.experiments import compare_configs, run_record
+from ferd.experiments import compare_configs, run_record, training_attack_summary
 from ferd.labels import run_label
 
 TEXTS = Path(__file__).resolve().parent.parent / "assets" / "learn"
@@ -113,6 +114,7 @@ elif step == 3:
             title = f"{method.upper()}: attack targets" + (f", epoch {epochs[-1]}" if epochs else "")
             st.plotly_chart(targets_heatmap(targets_matrix(evs, epochs[-1], "train") if epochs else None, names,
                                             title=title), key=f"learn-targets-{rid}")
+            st.markdown(attack_strength_text(method, training_attack_summary(evs)))
     if not dfrd_id:
         _need_dfrd()
 else:

@@ -91,6 +91,9 @@ def fake_run(cfg: Config, stop: threading.Event | None = None, *, run_dir: Path 
             weights = weights / weights.sum()
             yield ev.ClassWeightsUpdated(epoch=epoch, weights=weights.copy(), scores=scores)
             yield _targets(rng, "train", epoch)
+            yield ev.TrainingAttackStrength(epoch=epoch, samples=64, success_rate=float(rng.uniform(0.1, 0.5)),
+                                            target_entropy=float(rng.uniform(0.3, 0.9)),
+                                            reference_success_rate=0.45 if epoch % 2 == 0 else float("nan"))
             for k in range(1, STUDENT_REPORTS + 1):
                 step = k * max(cfg.student_steps // STUDENT_REPORTS, 1)
                 nat, rob = float(abs(rng.normal(1.0 / epoch, 0.05))), float(abs(rng.normal(2.0 / epoch, 0.05)))

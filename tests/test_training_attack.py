@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +119,76 @@ def test_a_disarmed_training_attack_warns_once(tiny_cfg, monkeypatch):
     monkeypatch.setattr(engine, "attack_problems", lambda s, r: {"attack_strength": f"weak {s:.2f}"})
     warnings = [e for e in engine.run(tiny_cfg) if isinstance(e, RunWarning) and e.key == "attack_strength"]
     assert len(warnings) == 1 and warnings[0].epoch == 2
+
+
+def _strength_events():
+    nan = float("nan")
+    return [TrainingAttackStrength(epoch=2, samples=10, success_rate=0.1, target_entropy=0.2),
+            TrainingAttackStrength(epoch=3, samples=10, success_rate=0.2, target_entropy=0.4,
+                                   reference_success_rate=0.5, reference_target_entropy=0.6),
+            TrainingAttackStrength(epoch=4, samples=10, success_rate=0.1, target_entropy=nan)]
+
+
+def test_strength_frame_chart_and_story():
+    from app.charts import attack_strength_chart
+    from app.frames import attack_strength_frame, attack_strength_text
+    from ferd.experiments import training_attack_summary
+
+    frame = attack_strength_frame(_strength_events())
+    assert frame["epoch"].tolist() == [2, 3, 4] and frame["success_rate"].tolist() == [0.1, 0.2, 0.1]
+    fig = attack_strength_chart(frame)
+    by_name = {t.name: t for t in fig.data}
+    assert list(by_name["success rate, untargeted reference"].x) == [3]  # markers only where the reference ran
+    assert list(by_name["success rate"].y) == pytest.approx([10, 20, 10])
+    summary = training_attack_summary(_strength_events())
+    assert summary["success_rate"] == pytest.approx(0.4 / 3)
+    assert summary["target_entropy"] == pytest.approx(0.3)  # the NaN epoch (nothing flipped) is left out
+    assert summary["reference_epochs"] == [3] and summary["strength_ratio"] == pytest.approx(0.4)
+    text = attack_strength_text("ferd", summary)
+    assert "13%" in text and "50%" in text and "40%" in text and "switched the attack off" in text
+    assert attack_strength_text("dfrd", {}) == ""
+    nothing_flipped = TrainingAttackStrength(epoch=1, samples=4, success_rate=0.0, target_entropy=float("nan"),
+                                             reference_success_rate=0.5)
+    no_flips = training_attack_summary([nothing_flipped])
+    assert "target entropy –" in attack_strength_text("ferd", no_flips)
+
+
+def test_compare_attack_strength_table():
+    from app.analysis import attack_strength_table
+    from ferd.experiments import training_attack_summary
+
+    record = {"run_id": "r1", "method": "ferd", "seed": 0, "config": {"utae_mode": "uniform-kl", "utae_weight": 10.0},
+              "training_attack": training_attack_summary(_strength_events())}
+    table = attack_strength_table([record, {**record, "run_id": "r2", "training_attack": {}}])
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["attack success"], row["untargeted reference"], row["ratio"]) == ("13%", "50%", "40%")
+
+
+def test_utae_weight_slider_reaches_the_run(tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from ferd.store import RunStore
+
+    monkeypatch.setenv("FERD_HOME", str(tmp_path))
+    monkeypatch.setenv("FERD_FAKE_ENGINE", "1")
+    st.cache_resource.clear()
+    form = "live-(current settings)-ferd"
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "pages" / "1_Live.py"), default_timeout=30)
+    at.run()
+    slider = at.select_slider(key=f"{form}-utae_weight")
+    assert 0.1 in slider.options or "0.1" in slider.options
+    slider.set_value(0.3)
+    at.number_input(key=f"{form}-epochs").set_value(3)
+    at.button(key="live-start").click().run()
+    assert not at.exception, at.exception
+    store = RunStore(tmp_path)
+    deadline = time.monotonic() + 15
+    while not store.list_runs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert store.list_runs()[0].config["utae_weight"] == 0.3
+    finally:
+        store.close()
+        st.cache_resource.clear()

@@ -89,7 +89,7 @@ def serve(home: Path, work: Path, cache_dir: str | None = None) -> Iterator[AppS
     port = _free_port()
     server = AppServer(url=f"http://127.0.0.1:{port}", home=home, stdout=work / "stdout.log",
                        stderr=work / "stderr.log")
-    env = dict(os.environ, FERD_HOME=str(home), FERD_CACHE_DIR=cache_dir)
+    env = dict(os.environ, FERD_HOME=str(home), FERD_CACHE_DIR=cache_dir or os.environ["FERD_CACHE_DIR"])
     env.pop("FERD_FAKE_ENGINE", None)  # these tests drive the real engine
     cmd = [sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",

@@ -466,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if signals.signum is not None:
         name = signal.Signals(signals.signum).name
-        print(f"stopped by {name}; resume with `python -m ferd run --resume RUN_ID`", file=sys.stderr)
+        print(f"stopped by {name}: the run is stored as stopped; `python -m ferd run --resume <its id above>` "
+              f"continues it", file=sys.stderr)
         return 128 + signals.signum
     return code

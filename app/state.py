@@ -49,7 +49,8 @@ def get_store() -> RunStore:
 
 @st.cache_resource
 def get_registry() -> JobRegistry:
-    """The job registry; creating it marks runs left queued/running by an earlier server as interrupted."""
+    """The job registry; creating it marks runs left queued/running by a dead process as interrupted (runs
+    another live process owns keep their status: see ferd.leases)."""
     store = get_store()
     registry = JobRegistry(store, run_fn=_engine_override())
     store.mark_interrupted(alive=registry.alive_ids())

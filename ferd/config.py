@@ -18,7 +18,7 @@ import tomli_w
 PRESET_DIR = Path(__file__).resolve().parent.parent / "assets" / "presets"
 
 METHODS = ("ferd", "dfrd", "real-data")
-UTAE_MODES = ("uniform-kl", "sampled-target", "untargeted")
+UTAE_MODES = ("uniform-kl", "sampled-target", "untargeted", "marginal-kl")
 MASK_RULES = ("per-channel", "batch-max")
 GENERATOR_RESETS = ("epoch", "never")
 STUDENT_LOSSES = ("rslad", "reference-code")
@@ -125,9 +125,13 @@ class Config:
     """PGD step size for training attacks and PGD-20 / CW evaluation."""
     train_attack_steps: int = 10
     utae_mode: str = "uniform-kl"
-    """`uniform-kl`, `sampled-target` (UTAE) or `untargeted` (plain KL PGD, DFRD)."""
+    """`uniform-kl`, `sampled-target` (UTAE), `marginal-kl` (UTAE at full strength: spreads the batch's targets, not
+    each prediction) or `untargeted` (plain KL PGD, DFRD)."""
     utae_weight: float = 10.0
     """lambda_u for `uniform-kl`."""
+    utae_marginal_weight: float = 0.1
+    """lambda_m for `marginal-kl`: weight of KL(uniform over the wrong classes || the batch's mean wrong-class
+    prediction per true class)."""
     attack_reference_every: int = 5
     """Every k epochs (and at the last), also run an untargeted KL-PGD on the same batches as the training attack,
     the reference its success rate is compared with (METHOD.md §6); 0 = never. It never changes training."""
@@ -210,8 +214,8 @@ def validate(c: Config) -> None:
     _check(c.seed < SEED_LIMIT, "seed", f"must be below 2**32 = {SEED_LIMIT} (numpy's seed range), got {c.seed}")
     _check(c.warmup_epochs < c.epochs or c.method == "real-data", "warmup_epochs",
            f"must be smaller than epochs ({c.epochs}), or no student is ever trained")
-    for name in ("w_bn", "w_oh", "w_adv", "w_uni", "utae_weight", "w_nat", "w_rob", "split_beta",
-                 "weight_decay", "momentum", "cw_kappa"):
+    for name in ("w_bn", "w_oh", "w_adv", "w_uni", "utae_weight", "utae_marginal_weight", "w_nat", "w_rob",
+                 "split_beta", "weight_decay", "momentum", "cw_kappa"):
         v = getattr(c, name)
         _check(isinstance(v, (int, float)) and v >= 0 and v == v and v != float("inf"), name,
                "must be a finite number >= 0")

@@ -5,12 +5,16 @@ Training attacks run PGD on the *student* from x + 0.001 N(0,1):
 - `uniform-kl` (UTAE, reference variant): maximise KL(p(t) || p(S(x'))) - lambda_u KL(U || p(S(x'))).
 - `sampled-target` (UTAE): each sample gets a target drawn uniformly from the classes != y; PGD minimises
   CE(S(x'), target).
+- `marginal-kl` (UTAE at full strength): maximise KL(p(t) || p(S(x'))) - lambda_m KL(U || m_y), m_y the batch's
+  mean wrong-class prediction over the samples of true class y: the batch's targets spread, each sample still
+  crosses the nearest boundary it can (chosen by measurement, README "A UTAE at full strength").
 Student loss: `rslad` = w_nat KL(p(t) || p(S(x))) + w_rob KL(p(t) || p(S(x_adv)));
 `reference-code` = 5/6 CE(p(t), p(S(x))) + 1/6 CE(p(t), p(S(x_adv))) (what the released code optimises, §8.3).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +37,25 @@ def sampled_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
 
 
+def wrong_class_marginal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over the true classes c in the batch of KL(U || m_c), U uniform over the classes != c and m_c the batch
+    mean, over the samples of class c, of their predictions restricted to the classes != c (renormalised).
+
+    0 iff each true class's adversarial mass is spread evenly over the other classes *on average*: one sample may
+    go wholly to one class as long as its classmates go to the others (unlike `uniformity_loss`, which asks every
+    prediction to be uniform)."""
+    c = logits.shape[1]
+    p = F.softmax(logits, dim=1).scatter(1, y[:, None], 0.0)
+    p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    onehot = F.one_hot(y, c).to(p.dtype)
+    counts = onehot.sum(dim=0)
+    present = counts > 0
+    m = (onehot.t() @ p)[present] / counts[present, None]  # (classes present, C), rows sum to 1
+    wrong = ~torch.eye(c, dtype=torch.bool, device=logits.device)[present]
+    log_m = torch.log(m.clamp_min(1e-12))
+    return (-(log_m * wrong).sum(dim=1) / (c - 1) - math.log(c - 1)).mean()
+
+
 def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
                     num_classes: int) -> torch.Tensor:
     """The adversarial examples the student trains on (mode chosen by cfg.utae_mode), student in eval mode."""
@@ -41,6 +64,13 @@ def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.T
         if cfg.utae_mode == "sampled-target":
             target = sampled_targets(y, num_classes)
             return pgd(student, x, target, loss="ce", targeted=True, **common)
+        if cfg.utae_mode == "marginal-kl":
+            lam_m = cfg.utae_marginal_weight
+
+            def spread(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return kl_div(t_logits, logits) - lam_m * wrong_class_marginal_loss(logits, labels)
+
+            return pgd(student, x, y, loss=spread, **common)
         if cfg.utae_mode == "uniform-kl":
             lam = cfg.utae_weight
 

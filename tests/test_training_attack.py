@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ferd import engine
 from ferd.config import ConfigError
 from ferd.diagnostics import attack_problems
-from ferd.distillation import AttackTally, adversarial_predictions
+from ferd.distillation import AttackTally, adversarial_predictions, training_attack, wrong_class_marginal_loss
 from ferd.events import AttackTargets, Evaluated, RunWarning, TrainingAttackStrength
 from ferd.experiments import ablation_configs, run_record
+from ferd.feature_split import uniformity_loss
 from ferd.metrics import target_entropy
 
 
@@ -192,3 +194,44 @@ def test_utae_weight_slider_reaches_the_run(tmp_path, monkeypatch):
     finally:
         store.close()
         st.cache_resource.clear()
+
+
+def _one_hot_logits(classes: list[int], c: int = 3, scale: float = 30.0) -> torch.Tensor:
+    return scale * F.one_hot(torch.tensor(classes), c).float()
+
+
+def test_marginal_loss_asks_the_batch_not_each_prediction_to_spread():
+    y = torch.tensor([0, 0])
+    spread = _one_hot_logits([1, 2])  # each prediction one-hot, the class-0 batch split over classes 1 and 2
+    collapsed = _one_hot_logits([1, 1])
+    assert wrong_class_marginal_loss(spread, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert wrong_class_marginal_loss(collapsed, y).item() > 5.0
+    assert uniformity_loss(spread).item() > 5.0  # uniform-kl penalises the spread batch as much as any other
+
+
+def test_marginal_loss_hand_computed():
+    # one class-0 sample whose wrong-class mass is 3:1 on classes 1 and 2 (class 0's own mass is dropped)
+    logits = torch.log(torch.tensor([[0.5, 0.375, 0.125]]))
+    want = -0.5 * (math.log(0.75) + math.log(0.25)) - math.log(2)
+    assert wrong_class_marginal_loss(logits, torch.tensor([0])).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_marginal_kl_attack_stays_in_bounds_and_restores_the_student(tiny_cfg):
+    cfg = tiny_cfg.replace(utae_mode="marginal-kl", utae_marginal_weight=0.1)
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(4 * 16 * 16, 10)).train()
+    x, y = torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        t_logits = torch.randn(16, 10)
+    x_adv = training_attack(cfg, student, x, y, t_logits, 10)
+    assert (x_adv - x).abs().max().item() <= cfg.eps + 1e-6
+    assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0
+    assert not torch.equal(x_adv, x) and student.training
+
+
+def test_marginal_weight_is_validated(tiny_cfg):
+    with pytest.raises(ConfigError, match="utae_marginal_weight"):
+        tiny_cfg.replace(utae_marginal_weight=-0.1)
+    with pytest.raises(ConfigError, match="utae_mode"):
+        tiny_cfg.replace(utae_mode="marginal")

@@ -6,6 +6,8 @@ Everything below the entry points takes its device from its inputs (tensors and 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -41,3 +43,15 @@ def set_threads(n: int) -> int:
     threads = n if n > 0 else max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run a block with exactly `n` torch intra-op threads, then restore the caller's count. CPU results depend on
+    the thread count (reduction order), so work whose result is cached and shared uses a fixed count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

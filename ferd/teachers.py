@@ -6,6 +6,7 @@ gradients, `.train()` disabled) so that no attack or loss can drift its BN stati
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from ferd.attacks import pgd
 from ferd.config import Config
 from ferd.data import dataset_info, test_split, train_split
+from ferd.device import fixed_threads
 from ferd.models import create_model
 from ferd.weights import WeightsError, read_weights
 
@@ -178,13 +180,15 @@ def train_embedded(arch: str, *, epochs: int, device: torch.device,
                    progress: Progress | None = None) -> tuple[nn.Module, TeacherInfo]:
     """PGD-AT (Madry et al. 2018) on the digits training split: eps 0.1, step eps/4, 10 steps, SGD momentum 0.9
     with a one-cycle schedule, batch 64, no flips; then clean and PGD-20 accuracy per class on the test split.
-    Uses its own RNG stream (the caller's global RNG state is restored)."""
+    Uses its own RNG stream (the caller's global RNG state is restored) and, on the CPU, one torch thread whatever the
+    run's thread count: the cached teacher then does not depend on how many threads the first run happened to use."""
     info = dataset_info("digits")
     c, h, _ = info.image_shape
     x_train, y_train = (t.to(device) for t in train_split("digits"))
     x_test, y_test = (t.to(device) for t in test_split("digits"))
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    threads = fixed_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=devices), threads:
         torch.manual_seed(EMBEDDED_SEED)
         model = create_model(arch, num_classes=info.num_classes, in_channels=c, image_size=h).to(device)
         steps_per_epoch = -(-len(x_train) // EMBEDDED_BATCH)

@@ -160,3 +160,19 @@ def test_embedded_teacher_is_trained_once_and_cached(tmp_path: Path, monkeypatch
     with torch.no_grad():
         assert torch.equal(model(x), model2(x))
     assert not any(p.requires_grad for p in model2.parameters())
+
+
+@pytest.mark.slow
+def test_embedded_teacher_does_not_depend_on_the_callers_thread_count() -> None:
+    """The cached teacher is shared by every later run, so the first run's thread count must not shape it."""
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model, _ = teachers.train_embedded("digits-cnn-small", epochs=1, device=CPU)
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -207,7 +207,7 @@ def test_pages_over_a_ferd_dfrd_pair(app_page, app_server: AppServer) -> None:
     page.wait_for_function(f"() => ({BAR_TRACES_JS})() >= 2", timeout=UI_TIMEOUT_MS)
     expect(page.get_by_text("Missing counterpart", exact=False)).to_have_count(0)
     expect(page.get_by_role("tab")).not_to_have_count(0)
-    expect(page.locator(f'{MAIN} [data-testid="stDataFrame"]')).to_be_visible()
+    expect(page.locator(f'{MAIN} [data-testid="stDataFrame"]').first).to_be_visible()  # summary (+ attack strength)
     assert_no_exception(page)
     save_screenshot(page, "compare.png")
 

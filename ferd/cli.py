@@ -170,6 +170,13 @@ def _print_record(rec: dict[str, Any]) -> None:
         if "fraction_of_ceiling" in syn and syn["fraction_of_ceiling"] is not None:
             line += f", PGD-20 {syn['fraction_of_ceiling']:.0%} of the real-data ceiling"
         print(line)
+    attack = rec.get("training_attack") or {}
+    if attack.get("success_rate") is not None:
+        ref = attack.get("reference_success_rate")
+        entropy = attack.get("target_entropy")
+        print(f"  training attack (last {len(attack['epochs'])} epochs): success {attack['success_rate']:.1%}"
+              + (f", untargeted reference {ref:.1%} (ratio {attack['strength_ratio']:.2f})" if ref else "")
+              + (f", target entropy {entropy:.2f}" if entropy is not None else ""))
     print(f"  student: {rec['student'] or '(none saved: the run did not finish)'}")
 
 

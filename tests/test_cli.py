@@ -48,6 +48,10 @@ def test_compare_writes_results_with_every_method_and_attack(tmp_path, capsys):
             assert all(0.0 <= a <= 1.0 for a in m["per_class"])
             assert m["worst"] == pytest.approx(min(m["per_class"]))
         assert sum(r["eval"]["aa"]["totals"]) == 20  # the stated AutoAttack subset
+        same = r["eval"]["aa"]["pgd20_same_images_metrics"]  # PGD-20 on exactly AutoAttack's images
+        assert same["totals"] == r["eval"]["aa"]["totals"] and same["mean"] == r["eval"]["aa"]["pgd20_same_images"]
+        attack = r["training_attack"]
+        assert 0.0 <= attack["success_rate"] <= 1.0 and attack["reference_epochs"] == [attack["epochs"][-1]]
         assert sum(r["eval"]["clean"]["totals"]) == 540
         # The student file loads and reproduces the stored clean accuracy on exactly the evaluated tensors.
         model = ferd.load_student(r["student"])
@@ -66,6 +70,9 @@ def test_compare_writes_results_with_every_method_and_attack(tmp_path, capsys):
         assert syn["pgd20_gap_to_ceiling"] == pytest.approx(real["eval"]["pgd20"]["mean"] - r["eval"]["pgd20"]["mean"])
     assert real["synthesis"] == {}
     assert "| pgd20 | ferd" in (out / "table.md").read_text()
+    assert "| pgd20@aa | ferd" in (out / "table.md").read_text()
+    printed = capsys.readouterr().out
+    assert "pgd20@aa" in printed and "training attack (last" in printed
     # `eval` on the saved student reproduces the stored clean per-class accuracy.
     assert main(["eval", ferd_run["student"], "--attacks", "clean", "--out", str(tmp_path / "ev.json")]) == 0
     again = json.loads((tmp_path / "ev.json").read_text())["eval"]["clean"]["per_class"]

@@ -1,8 +1,11 @@
-"""The process-wide job registry: runs the engine in background threads, one job at a time per device.
+"""The process-wide job registry: hands runs to an executor from background driver threads.
 
-Plain Python (no Streamlit): a job is a daemon thread calling `ferd.runner.execute` with its own stop
-event. Every event goes to the run store (so nothing is lost) and to the job's in-memory list, which
-pages poll while the job is alive. Queued jobs wait in submission order; `stop` works on them too.
+Plain Python (no Streamlit): a job is a daemon thread that drives one run through `ferd.runner.execute`,
+with its own stop event. With an executor (`ferd.executor`: local worker processes or Ray) up to
+`executor.slots` jobs run at once, the engine in the workers; without one the engine runs in the job
+thread itself, one job at a time per device (tests pass a fake engine this way). Every event goes to the
+run store (so nothing is lost) and to the job's in-memory list, which pages poll while the job is alive.
+Queued jobs wait in submission order; `stop` works on them too.
 This process holds the lease (ferd.leases) of every run it queues or runs: another process's run is never
 resumed here (RunOwned), and a config that cannot run here is refused before a run row exists.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from ferd import events as ev
 from ferd.config import Config
 from ferd.device import resolve_device
+from ferd.executor import Executor
 
 RunFn = Callable[..., Iterator[ev.Event]]
 ACTIVE = ("queued", "running")
@@ -72,13 +76,19 @@ def _device_key(cfg: Config) -> str:
 class JobRegistry:
     """Submit, queue, stop and observe engine runs; one registry per process.
 
-    `run_fn` replaces the engine (tests pass a fake); None uses `ferd.runner.execute`'s default engine.
+    `executor` runs the jobs (`executor.slots` at once, in submission order; the registry closes it on
+    shutdown). Without it the engine runs in the job threads: `run_fn` replaces the engine (tests pass a
+    fake), None uses `ferd.runner.execute`'s default engine.
     """
 
-    def __init__(self, store: Any, *, run_fn: RunFn | None = None, max_concurrent_per_device: int = 1) -> None:
+    def __init__(self, store: Any, *, run_fn: RunFn | None = None, max_concurrent_per_device: int = 1,
+                 executor: Executor | None = None) -> None:
         if max_concurrent_per_device < 1:
             raise ValueError("max_concurrent_per_device must be >= 1")
+        if executor is not None and run_fn is not None:
+            raise ValueError("give an executor or a run_fn, not both")
         self.store = store
+        self.executor = executor
         self._run_fn = run_fn
         self._max_per_device = max_concurrent_per_device
         self._lock = threading.Lock()
@@ -138,6 +148,8 @@ class JobRegistry:
         deadline = time.monotonic() + timeout
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        if self.executor is not None:
+            self.executor.close()
         atexit.unregister(self.shutdown)
 
     # ---- observation ----
@@ -192,14 +204,17 @@ class JobRegistry:
     def _schedule_locked(self) -> None:
         if self._closed:
             return
+        # With an executor every job shares its slots; without one each device runs its own queue.
+        pool = (lambda j: "executor") if self.executor is not None else (lambda j: j.device)
+        limit = self.executor.slots if self.executor is not None else self._max_per_device
         running: dict[str, int] = {}
         for j in self._jobs.values():
             if j.status == "running":
-                running[j.device] = running.get(j.device, 0) + 1
+                running[pool(j)] = running.get(pool(j), 0) + 1
         for j in self._jobs.values():
-            if j.status != "queued" or running.get(j.device, 0) >= self._max_per_device:
+            if j.status != "queued" or running.get(pool(j), 0) >= limit:
                 continue
-            running[j.device] = running.get(j.device, 0) + 1
+            running[pool(j)] = running.get(pool(j), 0) + 1
             j.status = "running"
             j.started = time.time()
             j.thread = threading.Thread(target=self._work, args=(j,), name=f"ferd-job-{j.run_id}", daemon=True)
@@ -227,9 +242,14 @@ class JobRegistry:
             from ferd.runner import execute  # imports torch and the engine: only when a job runs
 
             self.store.set_status(job.run_id, "running")
-            kwargs: dict[str, Any] = {"run_fn": self._run_fn} if self._run_fn is not None else {}
-            execute(job.cfg, self.store, stop=job.stop, run_id=job.run_id, resume=job.resume,
-                    on_event=lambda e: self._on_event(job, e), **kwargs)
+            on_event = lambda e: self._on_event(job, e)  # noqa: E731
+            if self.executor is not None:
+                self.executor.execute(job.cfg, self.store, run_id=job.run_id, stop=job.stop, resume=job.resume,
+                                      on_event=on_event)
+            else:
+                kwargs: dict[str, Any] = {"run_fn": self._run_fn} if self._run_fn is not None else {}
+                execute(job.cfg, self.store, stop=job.stop, run_id=job.run_id, resume=job.resume,
+                        on_event=on_event, **kwargs)
         except Exception as e:  # noqa: BLE001 - the runner's own failure path failed; keep the reason in the store
             failed = ev.RunFailed(epoch=job.epoch, reason=f"{type(e).__name__}: {e}")
             try:

@@ -5,11 +5,19 @@ instead of the real one (for AppTest and UI work without training): `1` = instan
 = that delay before every event (e.g. `0.05` to watch a run progress). UMAP warms up on the Samples
 page's first use, in a worker process; FERD_UMAP_PROCESS=0 runs it in this process instead (tests that
 stand in a fake `umap` module).
+
+Where runs execute (read once, when the server creates its job registry):
+  FERD_EXECUTOR=local (default) | ray | inline    local: worker processes on this machine; ray: a Ray
+                                                   cluster; inline: one run at a time in the server process
+  FERD_WORKERS=N                                  runs at once (default: one per core)
+  FERD_RAY_ADDRESS=HOST:PORT                      with ray: the cluster (default: a local Ray)
+The fake engine always runs inline.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import streamlit as st
@@ -19,12 +27,14 @@ from app.embedding import UmapService
 from app.frames import headline
 from app.jobs import JobRegistry, RunFn
 from ferd import events as ev
+from ferd.executor import EXECUTORS, Executor, LocalExecutor, plan_workers
 from ferd.pack import Pack
 from ferd.store import RunStore
 
 FAKE_ENGINE_ENV = "FERD_FAKE_ENGINE"
 UMAP_PROCESS_ENV = "FERD_UMAP_PROCESS"
 PACK_DIR_ENV = "FERD_PACK_DIR"
+EXECUTOR_ENV, WORKERS_ENV, RAY_ADDRESS_ENV = "FERD_EXECUTOR", "FERD_WORKERS", "FERD_RAY_ADDRESS"
 
 
 def _engine_override() -> RunFn | None:
@@ -41,6 +51,26 @@ def _engine_override() -> RunFn | None:
         raise ValueError(f"{FAKE_ENGINE_ENV} must be 1 or a delay in seconds, got {value!r}") from e
 
 
+def make_executor(env: Mapping[str, str]) -> Executor | None:
+    """The executor the environment asks for (None: in the server process, one run at a time)."""
+    kind = env.get(EXECUTOR_ENV, "local").strip().lower() or "local"
+    if kind not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV} must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    try:
+        workers = int(env[WORKERS_ENV]) if env.get(WORKERS_ENV) else None
+    except ValueError as e:
+        raise ValueError(f"{WORKERS_ENV} must be a whole number, got {env[WORKERS_ENV]!r}") from e
+    if kind == "inline":
+        return None
+    if kind == "ray":
+        from ferd.ray_executor import RayExecutor
+
+        return RayExecutor(env.get(RAY_ADDRESS_ENV) or None, workers=workers)
+    cores = os.cpu_count() or 1
+    n, threads = plan_workers([], cores if workers is None else workers, cores)
+    return LocalExecutor(n, threads)
+
+
 @st.cache_resource
 def get_store() -> RunStore:
     """The run store under $FERD_HOME (or the user data dir)."""
@@ -52,7 +82,8 @@ def get_registry() -> JobRegistry:
     """The job registry; creating it marks runs left queued/running by a dead process as interrupted (runs
     another live process owns keep their status: see ferd.leases)."""
     store = get_store()
-    registry = JobRegistry(store, run_fn=_engine_override())
+    fake = _engine_override()
+    registry = JobRegistry(store, run_fn=fake) if fake else JobRegistry(store, executor=make_executor(os.environ))
     store.mark_interrupted(alive=registry.alive_ids())
     return registry
 

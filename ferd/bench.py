@@ -3,10 +3,16 @@
 Reports the teacher load time, the latency to the first event, the mean seconds per epoch of each phase
 (synthesis incl. the feature split, reweighting, distillation, evaluation), the feature split alone
 (one call at the synthesis batch size, as run inside every generator step), and peak memory.
+
+It also sets the run against this machine's limit: the FLOPs of the same run counted by
+torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, forward and backward: the ops that
+carry the arithmetic; elementwise ops, pooling and batch norm are not counted), the GFLOP/s achieved, and
+the GFLOP/s of a large fp32 matmul timed in the same process with the same thread count.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import threading
@@ -52,8 +58,37 @@ def time_split(cfg: Config, repeats: int = 5) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
-    """Run `epochs` epochs of `cfg` (warm-up 1, evaluation on the last) and print the per-phase table."""
+MATMUL_N = 1024
+
+
+def matmul_gflops(n: int = MATMUL_N, min_s: float = 1.0) -> float:
+    """GFLOP/s of an n x n fp32 matmul on the CPU with torch's current thread count (2 n^3 FLOPs each)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    count, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        count += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_s:
+            return 2.0 * n**3 * count / elapsed / 1e9
+
+
+def count_flops(cfg: Config) -> float:
+    """FLOPs of a whole run of `cfg`, counted by FlopCounterMode (not estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for ev in run(cfg, threading.Event()):
+            if isinstance(ev, RunFailed):
+                raise RuntimeError(f"bench run failed: {ev.reason}")
+    return float(counter.get_total_flops())
+
+
+def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False) -> dict[str, float]:
+    """Run `epochs` epochs of `cfg` (warm-up 1, evaluation on the last) and print the per-phase table (or,
+    with `as_json`, one JSON line)."""
     cfg = cfg.replace(epochs=epochs, warmup_epochs=min(1, epochs - 1), eval_every=epochs,
                       final_attacks=tuple(a for a in cfg.eval_attacks))
     threads = set_threads(cfg.num_threads)
@@ -76,13 +111,21 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
                 phases.setdefault(k, []).append(v)
     total = time.perf_counter() - t0
     split_s, split_ref_s = time_split(cfg)
-    result = {"teacher_load_s": teacher_s, "first_event_s": first_event or 0.0, "run_s": total,
-              "epoch_s": total / epochs, "split_s": split_s, "split_reference_s": split_ref_s,
-              "peak_rss_mib": peak_rss_mib()}
+    flops_per_epoch = count_flops(cfg) / epochs
+    matmul = matmul_gflops() if device.type == "cpu" else float("nan")
+    result = {"device": str(device), "threads": threads, "epochs": epochs, "teacher_load_s": teacher_s,
+              "first_event_s": first_event or 0.0, "run_s": total, "epoch_s": total / epochs,
+              "seconds_per_epoch": total / epochs, "flops_per_epoch": flops_per_epoch,
+              "achieved_gflops": flops_per_epoch / (total / epochs) / 1e9, "matmul_gflops": matmul,
+              "split_s": split_s, "split_reference_s": split_ref_s, "peak_rss_mib": peak_rss_mib()}
     for k, v in phases.items():
         result[f"{k}_s"] = float(np.mean(v))
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result["matmul_fraction"] = result["achieved_gflops"] / matmul if matmul == matmul else float("nan")
+    if as_json:
+        print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}), file=out)
+        return result
     print(f"device {device}, torch threads {threads}, method {cfg.method}, B {cfg.batch_size}, "
           f"N_G {cfg.generator_steps}, N_S {cfg.student_steps}, {epochs} epochs", file=out)
     print(f"{'phase':34s} {'seconds':>9s}", file=out)
@@ -94,6 +137,11 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout) -> dict[str, float]:
     for name, v in rows:
         print(f"{name:34s} {v:9.3f}", file=out)
     print(f"{'split speed-up vs reference':34s} {split_ref_s / split_s:8.2f}x", file=out)
+    print(f"{'GFLOP per epoch (counted)':34s} {flops_per_epoch / 1e9:9.1f}", file=out)
+    print(f"{'achieved GFLOP/s':34s} {result['achieved_gflops']:9.1f}", file=out)
+    if matmul == matmul:
+        print(f"{f'fp32 matmul {MATMUL_N}^2 GFLOP/s, same threads':34s} {matmul:9.1f}  "
+              f"(run at {result['matmul_fraction']:.0%} of it)", file=out)
     print(f"{'peak RSS (MiB)':34s} {result['peak_rss_mib']:9.0f}", file=out)
     if "peak_cuda_mib" in result:
         print(f"{'peak CUDA memory (MiB)':34s} {result['peak_cuda_mib']:9.0f}", file=out)

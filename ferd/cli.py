@@ -31,7 +31,8 @@ from tqdm import tqdm
 from ferd import experiments
 from ferd.config import EVAL_ATTACKS, Config, ConfigError, load, load_preset, preset_names, to_dict
 from ferd.data import DataError
-from ferd.events import Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
+from ferd.events import TERMINAL, Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
+from ferd.executor import EXECUTORS, Executor, ExecutorError, InlineExecutor, LocalExecutor, plan_workers
 from ferd.experiments import RunError
 from ferd.labels import preset_of, run_label
 from ferd.pack import add_command as add_pack_command
@@ -40,7 +41,7 @@ from ferd.teachers import TeacherError
 from ferd.weights import WeightsError
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, DataError, TeacherError, StoreError, WeightsError, RunNotFound, OSError)
+USER_ERRORS = (ConfigError, DataError, TeacherError, StoreError, WeightsError, RunNotFound, ExecutorError, OSError)
 """What exits 2 with one line: bad input, not a bug (OSError: a path the user gave, a full disk)."""
 
 
@@ -105,10 +106,11 @@ def _store(args: argparse.Namespace) -> RunStore:
 class Progress:
     """tqdm bar over epochs for one run; warnings and evaluations printed above it."""
 
-    def __init__(self, label: str, total_epochs: int, *, quiet: bool = False) -> None:
-        self.bar = tqdm(total=total_epochs, desc=label, unit="epoch", disable=quiet, leave=True,
-                        file=sys.stderr, dynamic_ncols=True)
-        self.quiet = quiet
+    def __init__(self, label: str, total_epochs: int, *, quiet: bool = False, position: int | None = None) -> None:
+        # With several runs at once each bar keeps its own line (`position`) and is cleared when its run ends.
+        self.bar = tqdm(total=total_epochs, desc=label, unit="epoch", disable=quiet, leave=position is None,
+                        file=sys.stderr, dynamic_ncols=True, position=position)
+        self.label, self.quiet, self.position = label, quiet, position
         self.teacher_bar: tqdm | None = None
 
     def _stage(self, ev: StageProgress) -> None:
@@ -136,14 +138,14 @@ class Progress:
                                  refresh=False)
         elif isinstance(ev, RunWarning):
             tqdm.write(f"warning (epoch {ev.epoch}): {ev.message}", file=sys.stderr)
-        elif isinstance(ev, Evaluated) and not self.quiet:
+        elif isinstance(ev, Evaluated) and not self.quiet and (ev.final or self.position is None):
             accs = "  ".join(f"{a} {float(ev.correct[a].sum()) / float(ev.subset_totals.get(a, ev.totals).sum()):.1%}"
                              for a in ev.correct)
-            tqdm.write(f"epoch {ev.epoch} eval: {accs}", file=sys.stderr)
+            tqdm.write(f"{self.label}: epoch {ev.epoch} eval: {accs}", file=sys.stderr)
         elif isinstance(ev, RunFailed):
-            tqdm.write(f"run failed: {ev.reason}", file=sys.stderr)
+            tqdm.write(f"{self.label}: run failed: {ev.reason}", file=sys.stderr)
         elif isinstance(ev, RunStopped):
-            tqdm.write(f"run stopped: {ev.reason}", file=sys.stderr)
+            tqdm.write(f"{self.label}: run stopped: {ev.reason}", file=sys.stderr)
         if kind in ("run_finished", "run_stopped", "run_failed"):
             if self.teacher_bar is not None:
                 self.teacher_bar.close()
@@ -180,6 +182,24 @@ def _print_record(rec: dict[str, Any]) -> None:
     print(f"  student: {rec['student'] or '(none saved: the run did not finish)'}")
 
 
+def make_executor(args: argparse.Namespace, configs: list[Config]) -> Executor:
+    """The executor `--executor/--workers/--address` ask for (a lone `run` goes inline on every core)."""
+    kind = getattr(args, "executor", None)
+    workers, address = getattr(args, "workers", None), getattr(args, "address", None)
+    if address and kind != "ray":
+        raise ExecutorError("--address needs --executor ray")
+    if kind == "ray":
+        from ferd.ray_executor import RayExecutor
+
+        return RayExecutor(address, threads=max(c.num_threads for c in configs) or 1, workers=workers)
+    n, threads = plan_workers(configs, workers)
+    if kind is None or (kind == "inline" and n == 1):
+        return InlineExecutor(threads)
+    if kind == "inline":
+        raise ExecutorError(f"--executor inline runs one run at a time; got --workers {n}")
+    return LocalExecutor(n, threads)
+
+
 def _run_configs(args: argparse.Namespace, configs: list[Config], names: list[str]) -> list[dict[str, Any]]:
     """Run `configs` through the store (`names` are the runs' names, "" for none), print each record."""
 
@@ -187,24 +207,40 @@ def _run_configs(args: argparse.Namespace, configs: list[Config], names: list[st
 
     for cfg in configs:  # every config, before the first run is stored
         check_runnable(cfg)
+    executor = make_executor(args, configs)  # before the store: a bad --address writes nothing
     store = _store(args)
     stop = args.stop
     bars: dict[int, Progress] = {}
+    free = list(range(executor.slots))
+    lock = threading.Lock()
 
     def on_event(i: int, ev: Event) -> None:
-        if i not in bars:
-            cfg = configs[i]
-            label = names[i] or f"{preset_of(to_dict(cfg))} {cfg.method} seed {cfg.seed}"
-            bars[i] = Progress(label, cfg.epochs, quiet=args.quiet)
-        bars[i](ev)
+        with lock:
+            if i not in bars:
+                cfg = configs[i]
+                label = names[i] or f"{preset_of(to_dict(cfg))} {cfg.method} seed {cfg.seed}"
+                position = free.pop(0) if executor.slots > 1 else None
+                bars[i] = Progress(label, cfg.epochs, quiet=args.quiet, position=position)
+            bar = bars[i]
+            bar(ev)
+            if ev.kind in TERMINAL and bar.position is not None:
+                free.append(bar.position)
+                free.sort()
 
+    if executor.slots > 1 and not args.quiet:
+        print(f"{len(configs)} runs, {executor.describe()}", file=sys.stderr)
     try:
-        records = experiments.run_many(configs, store, names=names, stop=stop, on_event=on_event)
-    except KeyboardInterrupt:  # the engine saw nothing; the store marks the run interrupted next time
+        records = experiments.run_many(configs, store, names=names, stop=stop, on_event=on_event,
+                                       executor=executor)
+    except KeyboardInterrupt:  # run_many has asked every run in flight to stop and waited for them
         stop.set()
         raise
+    finally:
+        executor.close()
     for rec in records:
         _print_record(rec)
+    if len(records) < len(configs):
+        print(f"{len(configs) - len(records)} run(s) ended before the engine started (see `runs`)", file=sys.stderr)
     return records
 
 
@@ -232,6 +268,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(r.get("status") == "finished" for r in records) else 1
 
 
+def _all_finished(records: list[dict[str, Any]], configs: list[Config]) -> int:
+    return 0 if len(records) == len(configs) and all(r.get("status") == "finished" for r in records) else 1
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     base = build_config(args)
     configs = experiments.compare_configs(base, args.methods, args.seeds)
@@ -244,7 +284,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     (out / "table.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\n{len(records)} runs in {wall:.0f} s; results: {path}")
-    return 0 if all(r.get("status") == "finished" for r in records) else 1
+    return _all_finished(records, configs)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -264,7 +304,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     experiments.ablation_plot({args.param: table}, args.param, out / "ablation.png")
     print("\n" + md)
     print(f"\n{len(records)} runs in {wall:.0f} s; results: {path}, table: {out / 'ablation.csv'}")
-    return 0 if all(r.get("status") == "finished" for r in records) else 1
+    return _all_finished(records, configs)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -373,7 +413,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ferd.bench import bench
 
     cfg = build_config(args)
-    bench(cfg, epochs=args.epochs)
+    bench(cfg, epochs=args.epochs, as_json=args.json)
     return 0
 
 
@@ -385,6 +425,14 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool = True) -> None
         p.add_argument("--method", choices=("ferd", "dfrd", "real-data"), help="override the preset's method")
         p.add_argument("--seed", type=int)
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. --set w_uni=2 epochs=10")
+
+
+def _add_executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local: worker processes here (default); ray: a Ray cluster; inline: one at a time")
+    p.add_argument("--workers", type=int, help="runs at once (default: cores / threads per run; with ray: "
+                   "the cluster's CPUs / threads per run)")
+    p.add_argument("--address", help="Ray cluster address HOST:PORT (default with --executor ray: start a local Ray)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -405,6 +453,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["ferd", "dfrd"], choices=("ferd", "dfrd", "real-data"))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", required=True)
+    _add_executor_args(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("ablate", help="one numeric field over values x seeds")
@@ -413,6 +462,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--values", nargs="+", type=float, required=True)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", required=True)
+    _add_executor_args(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("eval", help="evaluate a saved student")
@@ -446,6 +496,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time each phase of an epoch and peak memory")
     _add_config_args(p)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON line (FLOPs per epoch, GFLOP/s, ...)")
     p.set_defaults(func=cmd_bench)
 
     add_pack_command(sub)

@@ -36,11 +36,24 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
+_auto_threads: int | None = None
+
+
+def set_auto_threads(n: int | None) -> None:
+    """What `num_threads = 0` means in this process from now on: `n` threads (an executor sets the share of
+    the cores it gives each run), or None for the default, all cores but one (at least one)."""
+    global _auto_threads
+    if n is not None and n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    _auto_threads = n
+
+
 def set_threads(n: int) -> int:
-    """Set torch's intra-op CPU threads; n = 0 means all cores but one (at least one). Returns the count set."""
+    """Set torch's intra-op CPU threads; n = 0 means the automatic count (see set_auto_threads). Returns the
+    count set."""
     if n < 0:
         raise ValueError(f"thread count must be >= 0, got {n}")
-    threads = n if n > 0 else max(1, (os.cpu_count() or 1) - 1)
+    threads = n if n > 0 else _auto_threads or max(1, (os.cpu_count() or 1) - 1)
     torch.set_num_threads(threads)
     return threads
 

@@ -13,6 +13,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from ferd.events import (
     SamplesSynthesised,
     TrainingAttackStrength,
 )
+from ferd.executor import Executor, InlineExecutor
 from ferd.metrics import class_metrics
-from ferd.runner import execute
 from ferd.store import RunStore
 
 RESULTS = "results.json"
@@ -182,15 +183,43 @@ def add_ceiling_gaps(records: list[dict[str, Any]]) -> None:
 # ---- running many ----
 def run_many(configs: Sequence[Config], store: RunStore, *, names: Sequence[str] | None = None,
              stop: threading.Event | None = None, on_event: Callable[[int, Event], None] | None = None,
-             ) -> list[dict[str, Any]]:
-    """Run configs one after another through the store; returns their records (stopped runs included)."""
+             executor: Executor | None = None) -> list[dict[str, Any]]:
+    """Run configs through `executor` (default: inline, one at a time), `executor.slots` at once, in order;
+    returns their records in the configs' order (stopped runs included).
+
+    Every run is stored as queued first, so the queue is visible from the start; a run the stop request
+    reaches before it started is removed again (it never ran). `on_event(i, ev)` is called from the
+    run's driver thread."""
+    from ferd.preflight import check_runnable  # imports torch
+
+    for cfg in configs:  # a config that cannot run stops the command before any run is stored
+        check_runnable(cfg)
+    executor = executor or InlineExecutor()
+    stop = stop or threading.Event()
+    run_ids = [store.create_run(cfg, name=names[i] if names else "", status="queued") for i, cfg in enumerate(configs)]
+
+    never_started: set[str] = set()
+
+    def one(i: int) -> None:
+        if stop.is_set():
+            store.delete_run(run_ids[i])
+            never_started.add(run_ids[i])
+            return
+        executor.execute(configs[i], store, run_id=run_ids[i], stop=stop,
+                         on_event=(lambda ev: on_event(i, ev)) if on_event else None)
+
+    try:
+        with ThreadPoolExecutor(max_workers=executor.slots, thread_name_prefix="ferd-driver") as pool:
+            for future in [pool.submit(one, i) for i in range(len(configs))]:
+                future.result()
+    except BaseException:  # Ctrl-C or a driver error: every run still in flight is asked to stop
+        stop.set()
+        raise
     records = []
-    for i, cfg in enumerate(configs):
-        if stop is not None and stop.is_set():
-            break
-        run_id = execute(cfg, store, stop=stop, name=names[i] if names else "",
-                         on_event=(lambda ev, i=i: on_event(i, ev)) if on_event else None)
+    for run_id in (r for r in run_ids if r not in never_started):
         events = [ev for _seq, ev in store.events(run_id)]
+        if not any(isinstance(ev, RunStarted) for ev in events):
+            continue  # failed before the engine started (the store keeps its RunFailed)
         record = run_record(events, run_id=run_id)
         record["status"] = store.get_run(run_id).status
         store.set_summary(run_id, {k: record[k] for k in ("eval", "synthesis", "wall_s")})

@@ -10,6 +10,7 @@ import pytest
 from app.jobs import JobRegistry
 from ferd import events as ev
 from ferd.config import Config
+from ferd.executor import Executor
 from ferd.store import RunStore
 from tests.fakes import fake_run, slow_fake_run
 
@@ -159,3 +160,53 @@ def test_real_engine_smoke_run_through_the_registry(store, make):
     assert store.get_run(run_id).status == "finished"
     kinds = [e.kind for _, e in store.events(run_id)]
     assert kinds[0] == "run_started" and kinds[-1] == "run_finished" and "evaluated" in kinds
+
+
+class FakePool(Executor):
+    """An executor of `slots` slots whose workers play the slow fake engine (in the driver threads)."""
+
+    def __init__(self, slots: int, delay_s: float) -> None:
+        self.slots, self._run = slots, slow_fake_run(delay_s)
+        self.closed = False
+
+    def run_fn(self, cfg, stop=None, *, run_dir=None, resume=False):
+        return self._run(cfg, stop, run_dir=run_dir, resume=resume)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_executor_runs_its_slots_at_once_with_true_queue_positions(store):
+    pool = FakePool(2, 0.02)
+    reg = JobRegistry(store, executor=pool)
+    ids = [reg.submit(CFG.replace(epochs=30, seed=s)) for s in range(4)]
+    views = {v.run_id: v for v in reg.jobs()}
+    assert [views[i].status for i in ids] == ["running", "running", "queued", "queued"]
+    assert [views[i].position for i in ids] == [None, None, 1, 2]
+    wait_until(lambda: all(reg.job(i).epoch >= 1 for i in ids[:2]))  # both stream events at the same time
+    assert all(len(reg.events(i)) > 0 for i in ids[:2])
+    reg.stop(ids[0])
+    wait_until(lambda: reg.job(ids[2]).status == "running")
+    assert reg.job(ids[3]).position == 1
+    reg.shutdown(5)
+    assert pool.closed and store.get_run(ids[0]).status == "stopped"
+
+
+def test_registry_takes_an_executor_or_a_run_fn_not_both(store):
+    with pytest.raises(ValueError, match="not both"):
+        JobRegistry(store, run_fn=fake_run, executor=FakePool(1, 0))
+
+
+def test_dashboard_executor_setting(monkeypatch):
+    from app.state import make_executor
+    from ferd.executor import LocalExecutor
+
+    assert make_executor({"FERD_EXECUTOR": "inline"}) is None
+    local = make_executor({"FERD_WORKERS": "1"})
+    assert isinstance(local, LocalExecutor) and local.slots == 1
+    with pytest.raises(ValueError, match="FERD_EXECUTOR must be one of inline, local, ray"):
+        make_executor({"FERD_EXECUTOR": "cluster"})
+    with pytest.raises(ValueError, match="FERD_WORKERS must be a whole number"):
+        make_executor({"FERD_WORKERS": "two"})
+    with pytest.raises(ValueError, match="--workers must be at least 1"):
+        make_executor({"FERD_WORKERS": "0"})

@@ -33,7 +33,7 @@ def _stop(v: float, param: str) -> str:
 
 st.title("Ablation")
 st.caption("Queue a grid of runs that differ in one setting, then watch worst-class PGD-20 accuracy and NSD "
-           "change with it. Runs go through the job queue one at a time.")
+           "change with it. Runs go through the job queue, as many at once as there are workers.")
 
 presets = preset_names() or ["(defaults)"]
 left, right = st.columns(2)

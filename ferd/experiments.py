@@ -29,6 +29,7 @@ from ferd.events import (
     RunFailed,
     RunFinished,
     RunStarted,
+    RunStopped,
     SamplesSynthesised,
     TrainingAttackStrength,
 )
@@ -188,7 +189,7 @@ def run_many(configs: Sequence[Config], store: RunStore, *, names: Sequence[str]
     returns their records in the configs' order (stopped runs included).
 
     Every run is stored as queued first, so the queue is visible from the start; a run the stop request
-    reaches before it started is removed again (it never ran). `on_event(i, ev)` is called from the
+    reaches before it started is stored as stopped, and has no record. `on_event(i, ev)` is called from the
     run's driver thread."""
     from ferd.preflight import check_runnable  # imports torch
 
@@ -198,28 +199,26 @@ def run_many(configs: Sequence[Config], store: RunStore, *, names: Sequence[str]
     stop = stop or threading.Event()
     run_ids = [store.create_run(cfg, name=names[i] if names else "", status="queued") for i, cfg in enumerate(configs)]
 
-    never_started: set[str] = set()
-
     def one(i: int) -> None:
-        if stop.is_set():
-            store.delete_run(run_ids[i])
-            never_started.add(run_ids[i])
+        if stop.is_set():  # stored as stopped, like a queued dashboard job; it has no record
+            store.append(run_ids[i], RunStopped(epoch=0, reason="stopped before it started"))
+            store.release(run_ids[i])
             return
         executor.execute(configs[i], store, run_id=run_ids[i], stop=stop,
                          on_event=(lambda ev: on_event(i, ev)) if on_event else None)
 
-    try:
-        with ThreadPoolExecutor(max_workers=executor.slots, thread_name_prefix="ferd-driver") as pool:
+    with ThreadPoolExecutor(max_workers=executor.slots, thread_name_prefix="ferd-driver") as pool:
+        try:
             for future in [pool.submit(one, i) for i in range(len(configs))]:
                 future.result()
-    except BaseException:  # Ctrl-C or a driver error: every run still in flight is asked to stop
-        stop.set()
-        raise
+        except BaseException:  # Ctrl-C or a driver error: every run in flight is asked to stop (before the
+            stop.set()         # pool waits for them on the way out)
+            raise
     records = []
-    for run_id in (r for r in run_ids if r not in never_started):
+    for run_id in run_ids:
         events = [ev for _seq, ev in store.events(run_id)]
         if not any(isinstance(ev, RunStarted) for ev in events):
-            continue  # failed before the engine started (the store keeps its RunFailed)
+            continue  # stopped or failed before the engine started (the store keeps why)
         record = run_record(events, run_id=run_id)
         record["status"] = store.get_run(run_id).status
         store.set_summary(run_id, {k: record[k] for k in ("eval", "synthesis", "wall_s")})

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from ferd import cli
-from ferd.events import CheckpointSaved, EpochFinished, Evaluated, Event, RunFinished, RunStarted, RunStopped
+from ferd.events import CheckpointSaved, EpochFinished, Evaluated, Event, RunFinished, RunResumed, RunStopped
 from ferd.executor import (
     CHECKPOINT,
     STUDENT,
@@ -31,7 +31,7 @@ from ferd.executor import (
 )
 from ferd.experiments import run_many
 from ferd.store import RunStore
-from tests.fakes import fake_run
+from tests.fakes import fake_run, slow_fake_run
 
 
 def _closed_port() -> int:
@@ -145,6 +145,25 @@ def test_run_many_runs_slots_at_once_and_keeps_the_configs_order(tmp_path, tiny_
     assert [r["seed"] for r in records] == [0, 1, 2, 3] and all(r["status"] == "finished" for r in records)
 
 
+def test_ctrl_c_stops_every_run_in_flight_and_drops_the_queued_ones(tmp_path, tiny_cfg):
+    class Pool(Executor):
+        slots = 2
+
+        def run_fn(self, cfg, stop=None, *, run_dir=None, resume=False):
+            return slow_fake_run(0.01)(cfg, stop, run_dir=run_dir, resume=resume)
+
+    store = RunStore(tmp_path)
+    configs = [tiny_cfg.replace(epochs=500, seed=s) for s in range(3)]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real Ctrl-C
+    t = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        run_many(configs, store, executor=Pool())
+    assert time.perf_counter() - t < 5
+    assert sorted(r.status for r in store.list_runs()) == ["stopped"] * 3  # the third one before it started
+    third = next(r for r in store.list_runs() if r.seed == 2)
+    assert [e.kind for _, e in store.events(third.run_id)] == ["run_stopped"]
+
+
 # ---- bad input (CLI) ----
 def test_unreachable_address_fails_fast(tmp_path):
     port = _closed_port()
@@ -222,8 +241,7 @@ def test_local_pool_stops_fast_resumes_and_survives_a_killed_worker(tmp_path, ti
     part = run_many([cfg], store, executor=LocalExecutor(1, 1), stop=stop, on_event=stop_after_epoch_1)[0]
     assert part["status"] == "stopped" and stopped_at[1] - stopped_at[0] < 2.0
     LocalExecutor(1, 1).execute(cfg, store, run_id=part["run_id"], resume=True)
-    resumed = [e for _, e in store.events(part["run_id"]) if isinstance(e, RunStarted)]
-    assert resumed[-1].resumed_from == 1
+    assert [e.epoch for _, e in store.events(part["run_id"]) if isinstance(e, RunResumed)] == [1]
     assert _counts(store, part["run_id"]) == _counts(store, whole["run_id"])
 
     def kill_worker(_i: int, ev: Event) -> None:

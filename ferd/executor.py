@@ -20,10 +20,13 @@ import os
 import queue
 import signal
 import socket
+import sys
 import tempfile
 import threading
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,13 +130,32 @@ def stored_checkpoint(run_dir: Path, resume: bool) -> bytes | None:
     return path.read_bytes() if resume and path.is_file() else None
 
 
+class _WorkerProcess(SpawnProcess):
+    """A spawned worker that does not import the parent's `__main__` script: under `streamlit run` that is the
+    app script, which would run outside any script run in the worker. A placeholder main module without a
+    file is installed for just the `start()` call (when spawn takes its preparation data)."""
+
+    _lock = threading.Lock()  # driver threads start workers concurrently: one swap at a time
+
+    def start(self) -> None:
+        with self._lock:
+            real = sys.modules.get("__main__")
+            placeholder = types.ModuleType("__main__")
+            sys.modules["__main__"] = placeholder
+            try:
+                super().start()
+            finally:
+                if sys.modules.get("__main__") is placeholder:
+                    sys.modules["__main__"] = real
+
+
 class _ProcessHandle:
     def __init__(self, cfg: Config, resume: bool, checkpoint: bytes | None, threads: int) -> None:
         ctx = mp.get_context("spawn")
         self._queue = ctx.Queue()
         self._stop = ctx.Event()
-        self._proc = ctx.Process(target=_process_main, name="ferd-worker",
-                                 args=(cfg, resume, checkpoint, threads, self._queue, self._stop))
+        self._proc = _WorkerProcess(target=_process_main, name="ferd-worker",
+                                    args=(cfg, resume, checkpoint, threads, self._queue, self._stop))
         self._proc.start()
 
     def poll(self, timeout: float) -> list[Event | FileBlob]:

@@ -255,3 +255,23 @@ def test_local_pool_stops_fast_resumes_and_survives_a_killed_worker(tmp_path, ti
     LocalExecutor(1, 1).execute(cfg, store, run_id=killed["run_id"], resume=True)
     assert store.get_run(killed["run_id"]).status == "finished"
     assert _counts(store, killed["run_id"]) == _counts(store, whole["run_id"])
+
+
+def test_a_worker_does_not_run_the_parents_main_script(tmp_path, monkeypatch):
+    """Under `streamlit run` the app script is `__main__`; a spawned worker must not execute it."""
+    import sys
+    import types
+
+    from ferd.executor import _WorkerProcess
+
+    marker = tmp_path / "ran"
+    script = tmp_path / "app_script.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    proc = _WorkerProcess(target=time.sleep, args=(0,))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and not marker.exists()
+    assert sys.modules["__main__"] is main

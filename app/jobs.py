@@ -58,6 +58,8 @@ class _Job:
     events: list[ev.Event] | None = field(default_factory=list)
     """Events while the job is alive; None once finished (the store then holds them all)."""
     thread: threading.Thread | None = None
+    in_thread: bool = False
+    """The engine runs in the job thread itself (a lone job with `inline_lone_job`), not in a worker."""
     started: float | None = None
     first_epoch_t: float | None = None
     last_epoch_t: float | None = None
@@ -77,18 +79,19 @@ class JobRegistry:
     """Submit, queue, stop and observe engine runs; one registry per process.
 
     `executor` runs the jobs (`executor.slots` at once, in submission order; the registry closes it on
-    shutdown). Without it the engine runs in the job threads: `run_fn` replaces the engine (tests pass a
-    fake), None uses `ferd.runner.execute`'s default engine.
+    shutdown). With `inline_lone_job` a job that starts while no other job runs executes in its own thread
+    instead (no worker to start: its first event comes at once); jobs started beside it go to the executor.
+    Whatever runs in a job thread runs `run_fn` (tests pass a fake engine), None: `ferd.runner.execute`'s
+    default engine.
     """
 
     def __init__(self, store: Any, *, run_fn: RunFn | None = None, max_concurrent_per_device: int = 1,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, inline_lone_job: bool = False) -> None:
         if max_concurrent_per_device < 1:
             raise ValueError("max_concurrent_per_device must be >= 1")
-        if executor is not None and run_fn is not None:
-            raise ValueError("give an executor or a run_fn, not both")
         self.store = store
         self.executor = executor
+        self._inline_lone_job = inline_lone_job
         self._run_fn = run_fn
         self._max_per_device = max_concurrent_per_device
         self._lock = threading.Lock()
@@ -214,6 +217,7 @@ class JobRegistry:
         for j in self._jobs.values():
             if j.status != "queued" or running.get(pool(j), 0) >= limit:
                 continue
+            j.in_thread = self._inline_lone_job and sum(running.values()) == 0
             running[pool(j)] = running.get(pool(j), 0) + 1
             j.status = "running"
             j.started = time.time()
@@ -243,7 +247,7 @@ class JobRegistry:
 
             self.store.set_status(job.run_id, "running")
             on_event = lambda e: self._on_event(job, e)  # noqa: E731
-            if self.executor is not None:
+            if self.executor is not None and not job.in_thread:
                 self.executor.execute(job.cfg, self.store, run_id=job.run_id, stop=job.stop, resume=job.resume,
                                       on_event=on_event)
             else:

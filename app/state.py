@@ -77,13 +77,20 @@ def get_store() -> RunStore:
     return RunStore()
 
 
+def _executor_registry(store: RunStore) -> JobRegistry:
+    """A lone local job runs in the server's own job thread (no worker to spawn: its first event comes at
+    once); jobs started beside it go to the worker processes. Ray always gets every job."""
+    executor = make_executor(os.environ)
+    return JobRegistry(store, executor=executor, inline_lone_job=executor is None or executor.name == "local")
+
+
 @st.cache_resource
 def get_registry() -> JobRegistry:
     """The job registry; creating it marks runs left queued/running by a dead process as interrupted (runs
     another live process owns keep their status: see ferd.leases)."""
     store = get_store()
     fake = _engine_override()
-    registry = JobRegistry(store, run_fn=fake) if fake else JobRegistry(store, executor=make_executor(os.environ))
+    registry = JobRegistry(store, run_fn=fake) if fake else _executor_registry(store)
     store.mark_interrupted(alive=registry.alive_ids())
     return registry
 

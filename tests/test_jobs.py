@@ -192,9 +192,26 @@ def test_an_executor_runs_its_slots_at_once_with_true_queue_positions(store):
     assert pool.closed and store.get_run(ids[0]).status == "stopped"
 
 
-def test_registry_takes_an_executor_or_a_run_fn_not_both(store):
-    with pytest.raises(ValueError, match="not both"):
-        JobRegistry(store, run_fn=fake_run, executor=FakePool(1, 0))
+def test_a_lone_job_runs_in_thread_and_the_next_ones_go_to_the_executor(store):
+    class Recording(FakePool):
+        def __init__(self) -> None:
+            super().__init__(2, 0.02)
+            self.seen: list[int] = []
+
+        def run_fn(self, cfg, stop=None, *, run_dir=None, resume=False):
+            self.seen.append(cfg.seed)
+            return super().run_fn(cfg, stop, run_dir=run_dir, resume=resume)
+
+    pool = Recording()
+    reg = JobRegistry(store, executor=pool, run_fn=slow_fake_run(0.02), inline_lone_job=True)
+    first = reg.submit(CFG.replace(epochs=30, seed=0))
+    second = reg.submit(CFG.replace(epochs=2, seed=1))
+    wait_until(lambda: not reg.is_alive(second))
+    assert pool.seen == [1] and reg.job(first).status == "running"  # the first never reached the executor
+    reg.stop(first)
+    wait_until(lambda: not reg.is_alive(first))
+    assert store.get_run(first).status == "stopped" and store.get_run(second).status == "finished"
+    reg.shutdown(5)
 
 
 def test_dashboard_executor_setting(monkeypatch):

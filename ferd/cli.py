@@ -499,7 +499,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON line (FLOPs per epoch, GFLOP/s, ...)")
     p.set_defaults(func=cmd_bench)
 
-    add_pack_command(sub)
+    add_pack_command(sub, _add_executor_args)
     return parser
 
 

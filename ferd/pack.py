@@ -2,12 +2,14 @@
 dashboard answers (Learn, Compare, Ablation) before anyone trains anything.
 
 `python -m ferd pack --out assets/reference` runs ferd / dfrd / real-data x seeds on a preset plus a w_uni
-sweep and a utae_weight (lambda_u) sweep at the first seed, through `experiments.run_many`, then keeps only
-what the pages read: every evaluation, class-weight, warning and attack event, the last step of each
-epoch's losses, and the synthesised samples of the first and last epochs. Layout of the folder:
+sweep and a utae_weight (lambda_u) sweep at the first seed, through the CLI's executor (parallel worker processes
+by default) into the run store; finished runs of the store with the same config are reused instead of run again
+(so `compare` and `ablate` results feed a pack). It then keeps only what the pages read: every evaluation,
+class-weight, warning and attack event, the last step of each epoch's losses, and the synthesised samples of
+the first and last epochs. Layout of the folder:
 
   manifest.json  commit, command, machine, date, engine version, preset, seeds, and one entry per run
-                 (run id, role, name, config)
+                 (run id, role, name, config, reused from the store or run by this command)
   runs.db        the pruned run store (SQLite, no WAL; open a copy: `open_pack`)
 """
 
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from ferd.store import DB_NAME, RunStore
 MANIFEST = "manifest.json"
 MAX_RUNS = 25
 W_UNI_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0)
-UTAE_WEIGHT_VALUES = (0.0, 2.0, 5.0, 10.0, 20.0)
+UTAE_WEIGHT_VALUES = (0.1, 0.3, 1.0, 3.0, 10.0)
 ENGINE_DIR = Path(__file__).resolve().parent
 # Sources that do not change what a run computes: left out of the engine version.
 _NOT_RESULTS = {"__init__.py", "__main__.py", "atomic.py", "bench.py", "cli.py", "experiments.py", "labels.py",
@@ -143,25 +145,67 @@ def prune(db_path: Path) -> None:
         conn.close()
 
 
-def build(out: Path, pack_plan: PackPlan, *, command: str, **run_many_options: Any) -> Path:
-    """Run the plan into a fresh store, prune it, and write out/runs.db and out/manifest.json (replacing a
-    previous pack there). Returns the manifest's path; raises RuntimeError when a run did not finish."""
-    from ferd.experiments import run_many
+def _config_key(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True)
 
-    with tempfile.TemporaryDirectory(prefix="ferd-pack-") as tmp:
-        with RunStore(Path(tmp) / "store") as store:
-            records = run_many(pack_plan.configs, store, names=pack_plan.names, **run_many_options)
-            failed = [r["run_id"] for r in records if r.get("status") != "finished"]
-            if failed or len(records) != len(pack_plan.configs):
-                raise RuntimeError(f"pack: runs did not finish: {failed or 'stopped early'}")
-            runs = [{"run_id": r["run_id"], "role": role, "name": name, "config": to_dict(cfg)}
-                    for r, role, name, cfg in zip(records, pack_plan.roles, pack_plan.names, pack_plan.configs,
-                                                  strict=True)]
-            db = Path(tmp) / "store" / DB_NAME
-        prune(db)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(db, out / f".{DB_NAME}.tmp")
-        os.replace(out / f".{DB_NAME}.tmp", out / DB_NAME)
+
+def reusable_runs(store: RunStore, configs: Sequence[Config]) -> dict[int, str]:
+    """Plan index -> id of the newest finished run in `store` whose config equals that planned config."""
+    finished: dict[str, str] = {}
+    for info in reversed(store.list_runs(status="finished")):  # oldest first, so the newest wins
+        finished[_config_key(info.config)] = info.run_id
+    return {i: finished[k] for i, cfg in enumerate(configs) if (k := _config_key(to_dict(cfg))) in finished}
+
+
+def _copy_runs(store: RunStore, run_ids: Sequence[str], dest: Path) -> None:
+    """A self-contained copy of `store`'s database holding only `run_ids` (the SQLite backup API, so what is
+    still in the WAL is copied too)."""
+    src = sqlite3.connect(store.db_path)
+    dst = sqlite3.connect(dest)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+    try:
+        keep = list(run_ids)
+        marks = ", ".join("?" * len(keep))
+        with dst:
+            dst.execute(f"DELETE FROM events WHERE run_id NOT IN ({marks})", keep)
+            dst.execute(f"DELETE FROM runs WHERE run_id NOT IN ({marks})", keep)
+            dst.execute("DELETE FROM leases")
+    finally:
+        dst.close()
+
+
+def build(out: Path, pack_plan: PackPlan, *, command: str, store: RunStore,
+          run_configs: Callable[[list[Config], list[str]], list[dict[str, Any]]] | None = None) -> Path:
+    """Reuse the finished runs of `store` whose config equals a planned one, run the others into `store`
+    (`run_configs(configs, names) -> records`, default `experiments.run_many` inline), then write a pruned copy
+    holding only the pack's runs to out/runs.db and out/manifest.json (replacing a previous pack there).
+    Returns the manifest's path; raises RuntimeError when a run did not finish."""
+    if run_configs is None:
+        from ferd.experiments import run_many
+
+        def run_configs(configs: list[Config], names: list[str]) -> list[dict[str, Any]]:
+            return run_many(configs, store, names=names)
+
+    run_ids = reusable_runs(store, pack_plan.configs)
+    missing = [i for i in range(len(pack_plan.configs)) if i not in run_ids]
+    if missing:
+        records = run_configs([pack_plan.configs[i] for i in missing], [pack_plan.names[i] for i in missing])
+        failed = [r["run_id"] for r in records if r.get("status") != "finished"]
+        if failed or len(records) != len(missing):
+            raise RuntimeError(f"pack: runs did not finish: {failed or 'stopped early'}")
+        run_ids.update({i: r["run_id"] for i, r in zip(missing, records, strict=True)})
+    runs = [{"run_id": run_ids[i], "role": role, "name": name, "config": to_dict(cfg), "reused": i not in missing}
+            for i, (role, name, cfg) in enumerate(zip(pack_plan.roles, pack_plan.names, pack_plan.configs,
+                                                      strict=True))]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_db = out / f".{DB_NAME}.tmp"
+    tmp_db.unlink(missing_ok=True)
+    _copy_runs(store, [r["run_id"] for r in runs], tmp_db)
+    prune(tmp_db)
+    os.replace(tmp_db, out / DB_NAME)
     manifest = {"commit": _commit(), "command": command, "machine": _machine(),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "engine_version": engine_version(),
                 "preset": pack_plan.configs[0].preset, "runs": runs}
@@ -195,18 +239,25 @@ def open_pack(root: Path, workdir: Path | None = None) -> Pack:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    """`python -m ferd pack`: build the pack, print where it went, its size and its runs."""
+    """`python -m ferd pack`: build the pack through the CLI's executor and progress bars, print where it went,
+    its size and which runs were reused from the store."""
+    from ferd.cli import _run_configs, _store  # the CLI imports this module: import it back only when called
+
     pack_plan = plan(args.preset, args.seeds, w_uni=args.w_uni, utae_weight=args.utae_weight,
                      **({"num_threads": args.threads} if args.threads else {}))
-    print(f"pack: {len(pack_plan.configs)} runs of preset {args.preset!r} -> {args.out}", file=sys.stderr)
-    manifest = build(Path(args.out), pack_plan, command="python -m ferd " + " ".join(sys.argv[1:]))
+    store = _store(args)
+    reused = reusable_runs(store, pack_plan.configs)
+    print(f"pack: {len(pack_plan.configs)} runs of preset {args.preset!r} -> {args.out} ({len(reused)} reused from "
+          f"{store.root})", file=sys.stderr)
+    manifest = build(Path(args.out), pack_plan, command="python -m ferd " + " ".join(sys.argv[1:]), store=store,
+                     run_configs=lambda configs, names: _run_configs(args, configs, names))
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     print(f"{manifest} ({size / 2**20:.1f} MiB in {args.out})")
     return 0
 
 
-def add_command(sub: Any) -> None:
-    """The `pack` subcommand on the CLI's subparsers."""
+def add_command(sub: Any, add_executor_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    """The `pack` subcommand on the CLI's subparsers (with the CLI's --executor/--workers/--address)."""
     p = sub.add_parser("pack", help="build the reference results pack the dashboard shows before any run")
     p.add_argument("--out", default="assets/reference", help="pack folder (default: assets/reference)")
     p.add_argument("--preset", default="digits", help="preset of every run (default: digits)")
@@ -216,4 +267,5 @@ def add_command(sub: Any) -> None:
     p.add_argument("--utae-weight", nargs="+", type=float, default=list(UTAE_WEIGHT_VALUES),
                    help="utae_weight (lambda_u) values swept at the first seed")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (default: the preset's)")
+    add_executor_args(p)
     p.set_defaults(func=cmd_pack)

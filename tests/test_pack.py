@@ -3,6 +3,7 @@ pages on an empty store, reproducible), and the bundled pack when there is one."
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from streamlit.testing.v1 import AppTest
 from ferd import engine, pack
 from ferd.config import from_dict, load_preset
 from ferd.events import Evaluated
+from ferd.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "assets" / "reference"
@@ -74,7 +76,18 @@ def _pages_answer_from(pack_dir: Path, home: Path, monkeypatch) -> None:
 @pytest.mark.slow
 def test_a_tiny_pack_is_compact_answers_the_pages_and_rebuilds_identically(tmp_path, monkeypatch):
     plan = pack.plan("smoke", [0], w_uni=[0.0], utae_weight=[1.0], num_threads=1)
-    manifest_path = pack.build(tmp_path / "pack", plan, command="test")
+    with RunStore(tmp_path / "store") as store:
+        manifest_path = pack.build(tmp_path / "pack", plan, command="test", store=store)
+        # A second build reuses every finished run of the store: nothing runs again, the same runs are packed.
+        def no_runs(configs, names):
+            raise AssertionError(f"ran again: {names}")
+
+        again = json.loads(pack.build(tmp_path / "pack2", plan, command="again", store=store,
+                                      run_configs=no_runs).read_text())
+        store.create_run(load_preset("smoke"), name="not in the pack", status="finished")
+    first = json.loads(manifest_path.read_text())
+    assert not any(r["reused"] for r in first["runs"]) and all(r["reused"] for r in again["runs"])
+    assert [r["run_id"] for r in again["runs"]] == [r["run_id"] for r in first["runs"]]
     size = sum(f.stat().st_size for f in (tmp_path / "pack").iterdir())
     assert size <= MAX_BYTES
     opened = pack.open_pack(tmp_path / "pack", tmp_path / "view")

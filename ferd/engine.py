@@ -54,6 +54,7 @@ from ferd.reweighting import class_scores, class_weights, teacher_margins
 from ferd.stages import evaluation_stage, teacher_stage
 from ferd.synthesis import NonFiniteLoss, Synthesizer
 from ferd.teachers import TeacherError
+from ferd.version import engine_version
 from ferd.weights import WeightsError, read_weights
 from ferd.weights import load_student as load_student  # re-exported: ferd.engine.load_student
 
@@ -174,7 +175,7 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
     epoch_box[0] = state.epoch
     yield RunStarted(epoch=state.epoch, config=to_dict(cfg), teacher=tinfo.to_dict(), device=str(device),
                      num_classes=c, class_names=tuple(info.class_names), image_shape=tuple(info.image_shape),
-                     resumed_from=state.epoch)
+                     resumed_from=state.epoch, engine_version=engine_version())
     x_test, y_test = x_test.to(device), y_test.to(device)
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):

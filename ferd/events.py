@@ -33,6 +33,8 @@ class RunStarted(Event):
     image_shape: tuple[int, int, int]
     resumed_from: int = 0
     """Epoch of the checkpoint this run resumed from (0 = fresh start)."""
+    engine_version: str = ""
+    """`ferd.version.engine_version()` of the code that ran it ("" in logs written before it was recorded)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ the first and last epochs. Layout of the folder:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -34,15 +33,12 @@ from typing import Any
 from ferd import atomic
 from ferd.config import Config, load_preset, to_dict
 from ferd.store import DB_NAME, RunStore
+from ferd.version import ENGINE_DIR, engine_version
 
 MANIFEST = "manifest.json"
 MAX_RUNS = 25
 W_UNI_VALUES = (0.0, 1.0, 2.0, 5.0, 10.0)
 UTAE_WEIGHT_VALUES = (0.1, 0.3, 1.0, 3.0, 10.0)
-ENGINE_DIR = Path(__file__).resolve().parent
-# Sources that do not change what a run computes: left out of the engine version.
-_NOT_RESULTS = {"__init__.py", "__main__.py", "atomic.py", "bench.py", "cli.py", "experiments.py", "labels.py",
-                "pack.py", "runner.py", "store.py", "store_db.py"}
 # Per-step events kept only at their epoch's last step; events dropped entirely.
 _LAST_STEP_ONLY = ("generator_progress", "student_progress")
 _DROPPED = ("stage_progress",)
@@ -70,17 +66,6 @@ class Pack:
     manifest: dict[str, Any]
     store: RunStore
     stale: bool
-
-
-def engine_version(root: Path = ENGINE_DIR) -> str:
-    """First 12 hex digits of a SHA-256 over the ferd sources that affect results (paths and contents)."""
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if path.name in _NOT_RESULTS or "__pycache__" in path.parts:
-            continue
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def plan(preset: str, seeds: Sequence[int], *, w_uni: Sequence[float] = W_UNI_VALUES,
@@ -150,10 +135,14 @@ def _config_key(config: dict[str, Any]) -> str:
 
 
 def reusable_runs(store: RunStore, configs: Sequence[Config]) -> dict[int, str]:
-    """Plan index -> id of the newest finished run in `store` whose config equals that planned config."""
+    """Plan index -> id of the newest finished run in `store` whose config equals that planned config and whose
+    engine version is this one's (a run of an older engine is run again)."""
+    version = engine_version()
     finished: dict[str, str] = {}
     for info in reversed(store.list_runs(status="finished")):  # oldest first, so the newest wins
-        finished[_config_key(info.config)] = info.run_id
+        started = store.events(info.run_id, kinds=("run_started",))
+        if started and started[0][1].engine_version == version:
+            finished[_config_key(info.config)] = info.run_id
     return {i: finished[k] for i, cfg in enumerate(configs) if (k := _config_key(to_dict(cfg))) in finished}
 
 

@@ -12,7 +12,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from ferd import engine, pack
+from ferd import engine, pack, version
 from ferd.config import from_dict, load_preset
 from ferd.events import Evaluated
 from ferd.store import RunStore
@@ -43,11 +43,12 @@ def test_plan_runs_methods_by_seeds_and_two_sweeps_at_most_25():
 def test_engine_version_follows_result_sources_only(tmp_path):
     src = tmp_path / "ferd"
     shutil.copytree(pack.ENGINE_DIR, src, ignore=shutil.ignore_patterns("__pycache__"))
-    v = pack.engine_version(src)
+    v = version.source_version(src)
+    assert version.source_version(pack.ENGINE_DIR) == version.engine_version()
     (src / "cli.py").write_text((src / "cli.py").read_text() + "\n# a comment\n")
-    assert pack.engine_version(src) == v
+    assert version.source_version(src) == v
     (src / "synthesis.py").write_text((src / "synthesis.py").read_text() + "\n# a comment\n")
-    assert pack.engine_version(src) != v
+    assert version.source_version(src) != v
 
 
 def _final(events):
@@ -85,6 +86,9 @@ def test_a_tiny_pack_is_compact_answers_the_pages_and_rebuilds_identically(tmp_p
         again = json.loads(pack.build(tmp_path / "pack2", plan, command="again", store=store,
                                       run_configs=no_runs).read_text())
         store.create_run(load_preset("smoke"), name="not in the pack", status="finished")
+        monkeypatch.setattr(pack, "engine_version", lambda: "another")  # runs of another engine are not reused
+        assert pack.reusable_runs(store, plan.configs) == {}
+        monkeypatch.undo()
     first = json.loads(manifest_path.read_text())
     assert not any(r["reused"] for r in first["runs"]) and all(r["reused"] for r in again["runs"])
     assert [r["run_id"] for r in again["runs"]] == [r["run_id"] for r in first["runs"]]

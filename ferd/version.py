@@ -10,9 +10,9 @@ from pathlib import Path
 ENGINE_DIR = Path(__file__).resolve().parent
 # Sources that do not change what a run computes: left out of the engine version.
 NOT_RESULTS = frozenset({
-    "__init__.py", "__main__.py", "atomic.py", "bench.py", "cli.py", "executor.py", "experiments.py", "export.py",
-    "labels.py", "leases.py", "pack.py", "preflight.py", "ray_executor.py", "runner.py", "store.py", "store_db.py",
-    "version.py",
+    "__init__.py", "__main__.py", "atomic.py", "attack_study.py", "bench.py", "cli.py", "executor.py",
+    "experiments.py", "export.py", "labels.py", "leases.py", "pack.py", "preflight.py", "ray_executor.py",
+    "runner.py", "store.py", "store_db.py", "version.py",
 })
 
 

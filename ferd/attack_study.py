@@ -5,7 +5,7 @@ other than y), its ratio to untargeted KL-PGD's, and the target entropy (mean ro
 histogram / log(C-1)), on 640 samples of the run's synthetic memory and on the 540 digits test images.
 All candidates use the run's eps, step size, step count and start noise, and the same random stream.
 
-    PYTHONPATH=. python scripts/utae_candidates.py RUN_DIR [CANDIDATE,CANDIDATE,...]
+    python -m ferd.attack_study RUN_DIR [CANDIDATE,CANDIDATE,...]
 
 RUN_DIR is a finished data-free run's directory (config.toml, checkpoint.pt, student.pt).
 """

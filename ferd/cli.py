@@ -29,12 +29,12 @@ from typing import Any
 from tqdm import tqdm
 
 from ferd import experiments
-from ferd.config import EVAL_ATTACKS, Config, ConfigError, load, load_preset, preset_names, to_dict
+from ferd.config import EVAL_ATTACKS, Config, ConfigError, load, load_preset, preset_names
+from ferd.console import Progress, open_store, print_eval, print_record, run_configs
 from ferd.data import DataError
-from ferd.events import TERMINAL, Evaluated, Event, RunFailed, RunStopped, RunWarning, StageProgress
-from ferd.executor import EXECUTORS, Executor, ExecutorError, InlineExecutor, LocalExecutor, plan_workers
+from ferd.executor import EXECUTORS, ExecutorError
 from ferd.experiments import RunError
-from ferd.labels import preset_of, run_label
+from ferd.labels import run_label
 from ferd.pack import add_command as add_pack_command
 from ferd.store import ACTIVE, RunNotFound, RunOwned, RunStore, StoreError
 from ferd.teachers import TeacherError
@@ -99,154 +99,9 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def _store(args: argparse.Namespace) -> RunStore:
-    return RunStore(args.store) if args.store else RunStore()
-
-
-class Progress:
-    """tqdm bar over epochs for one run; warnings and evaluations printed above it."""
-
-    def __init__(self, label: str, total_epochs: int, *, quiet: bool = False, position: int | None = None) -> None:
-        # With several runs at once each bar keeps its own line (`position`) and is cleared when its run ends.
-        self.bar = tqdm(total=total_epochs, desc=label, unit="epoch", disable=quiet, leave=position is None,
-                        file=sys.stderr, dynamic_ncols=True, position=position)
-        self.label, self.quiet, self.position = label, quiet, position
-        self.teacher_bar: tqdm | None = None
-
-    def _stage(self, ev: StageProgress) -> None:
-        """Teacher training gets its own bar (above the epochs'); an evaluation's attacks go in the postfix."""
-        if ev.stage == "teacher":
-            if self.teacher_bar is None:
-                self.teacher_bar = tqdm(total=ev.total_steps, desc=f"teacher: {ev.label}", unit="epoch",
-                                        disable=self.quiet, leave=True, file=sys.stderr, dynamic_ncols=True)
-            self.teacher_bar.update(ev.step - self.teacher_bar.n)
-            if ev.step >= ev.total_steps:
-                self.teacher_bar.close()
-        elif ev.step < ev.total_steps:
-            self.bar.set_postfix_str(f"eval: {ev.label} ({ev.step + 1}/{ev.total_steps})")
-
-    def __call__(self, ev: Event) -> None:
-        kind = ev.kind
-        if isinstance(ev, StageProgress):
-            self._stage(ev)
-        elif kind == "epoch_finished":
-            self.bar.update(ev.epoch - self.bar.n)
-        elif kind == "student_progress" and ev.step == ev.total_steps:
-            self.bar.set_postfix(loss=f"{ev.losses['total']:.3f}", refresh=False)
-        elif kind == "samples_synthesised":
-            self.bar.set_postfix(teacher_acc_xstar=f"{ev.teacher_acc:.2f}", robust=f"{ev.robust_fraction:.2f}",
-                                 refresh=False)
-        elif isinstance(ev, RunWarning):
-            tqdm.write(f"warning (epoch {ev.epoch}): {ev.message}", file=sys.stderr)
-        elif isinstance(ev, Evaluated) and not self.quiet and (ev.final or self.position is None):
-            accs = "  ".join(f"{a} {float(ev.correct[a].sum()) / float(ev.subset_totals.get(a, ev.totals).sum()):.1%}"
-                             for a in ev.correct)
-            tqdm.write(f"{self.label}: epoch {ev.epoch} eval: {accs}", file=sys.stderr)
-        elif isinstance(ev, RunFailed):
-            tqdm.write(f"{self.label}: run failed: {ev.reason}", file=sys.stderr)
-        elif isinstance(ev, RunStopped):
-            tqdm.write(f"{self.label}: run stopped: {ev.reason}", file=sys.stderr)
-        if kind in ("run_finished", "run_stopped", "run_failed"):
-            if self.teacher_bar is not None:
-                self.teacher_bar.close()
-            self.bar.close()
-
-
-def _print_eval(ev: dict[str, Any]) -> None:
-    """One line per attack (PGD-20 on AutoAttack's images right after AutoAttack)."""
-    for attack, m in experiments.eval_rows(ev):
-        per = " ".join(f"{a * 100:5.1f}" if a is not None else "   – " for a in m["per_class"])
-        nsd = f"{m['nsd']:.3f}" if m["nsd"] is not None else "–"
-        print(f"  {attack:8s} mean {m['mean'] * 100:5.1f}  worst {m['worst'] * 100:5.1f} (class {m['worst_class']})"
-              f"  NSD {nsd}  n {sum(m['totals'])}  per class: {per}")
-
-
-def _print_record(rec: dict[str, Any]) -> None:
-    print(f"\n{run_label(rec['run_id'], rec['config'])}: run {rec['run_id']}, status {rec.get('status', '?')}, "
-          f"wall {rec['wall_s'] or 0:.1f} s")
-    _print_eval(rec["eval"])
-    syn = rec.get("synthesis") or {}
-    if syn:
-        line = (f"  synthesis: teacher acc on x* {syn['teacher_acc']:.1%}, conf {syn['teacher_conf']:.2f}, "
-                f"robust fraction {syn['robust_fraction']:.1%}" if syn["robust_fraction"] is not None else "")
-        if "fraction_of_ceiling" in syn and syn["fraction_of_ceiling"] is not None:
-            line += f", PGD-20 {syn['fraction_of_ceiling']:.0%} of the real-data ceiling"
-        print(line)
-    attack = rec.get("training_attack") or {}
-    if attack.get("success_rate") is not None:
-        ref = attack.get("reference_success_rate")
-        entropy = attack.get("target_entropy")
-        print(f"  training attack (last {len(attack['epochs'])} epochs): success {attack['success_rate']:.1%}"
-              + (f", untargeted reference {ref:.1%} (ratio {attack['strength_ratio']:.2f})" if ref else "")
-              + (f", target entropy {entropy:.2f}" if entropy is not None else ""))
-    print(f"  student: {rec['student'] or '(none saved: the run did not finish)'}")
-
-
-def make_executor(args: argparse.Namespace, configs: list[Config]) -> Executor:
-    """The executor `--executor/--workers/--address` ask for (a lone `run` goes inline on every core)."""
-    kind = getattr(args, "executor", None)
-    workers, address = getattr(args, "workers", None), getattr(args, "address", None)
-    if address and kind != "ray":
-        raise ExecutorError("--address needs --executor ray")
-    if kind == "ray":
-        from ferd.ray_executor import RayExecutor
-
-        return RayExecutor(address, threads=max(c.num_threads for c in configs) or 1, workers=workers)
-    n, threads = plan_workers(configs, workers)
-    if kind is None or (kind == "inline" and n == 1):
-        return InlineExecutor(threads)
-    if kind == "inline":
-        raise ExecutorError(f"--executor inline runs one run at a time; got --workers {n}")
-    return LocalExecutor(n, threads)
-
-
-def _run_configs(args: argparse.Namespace, configs: list[Config], names: list[str]) -> list[dict[str, Any]]:
-    """Run `configs` through the store (`names` are the runs' names, "" for none), print each record."""
-
-    from ferd.preflight import check_runnable
-
-    for cfg in configs:  # every config, before the first run is stored
-        check_runnable(cfg)
-    executor = make_executor(args, configs)  # before the store: a bad --address writes nothing
-    store = _store(args)
-    stop = args.stop
-    bars: dict[int, Progress] = {}
-    free = list(range(executor.slots))
-    lock = threading.Lock()
-
-    def on_event(i: int, ev: Event) -> None:
-        with lock:
-            if i not in bars:
-                cfg = configs[i]
-                label = names[i] or f"{preset_of(to_dict(cfg))} {cfg.method} seed {cfg.seed}"
-                position = free.pop(0) if executor.slots > 1 else None
-                bars[i] = Progress(label, cfg.epochs, quiet=args.quiet, position=position)
-            bar = bars[i]
-            bar(ev)
-            if ev.kind in TERMINAL and bar.position is not None:
-                free.append(bar.position)
-                free.sort()
-
-    if executor.slots > 1 and not args.quiet:
-        print(f"{len(configs)} runs, {executor.describe()}", file=sys.stderr)
-    try:
-        records = experiments.run_many(configs, store, names=names, stop=stop, on_event=on_event,
-                                       executor=executor)
-    except KeyboardInterrupt:  # run_many has asked every run in flight to stop and waited for them
-        stop.set()
-        raise
-    finally:
-        executor.close()
-    for rec in records:
-        _print_record(rec)
-    if len(records) < len(configs):
-        print(f"{len(configs) - len(records)} run(s) ended before the engine started (see `runs`)", file=sys.stderr)
-    return records
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
-    store = _store(args)
+    store = open_store(args)
     if args.resume:
         from ferd.runner import execute
 
@@ -259,9 +114,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rec = experiments.run_record(events, run_id=run_id)
         rec["status"] = store.get_run(run_id).status
         records = [rec]
-        _print_record(rec)
+        print_record(rec)
     else:
-        records = _run_configs(args, [cfg], [""])
+        records = run_configs(args, [cfg], [""])
     if args.out:
         path = experiments.write_results(Path(args.out), records, command=" ".join(sys.argv))
         print(f"results: {path}")
@@ -276,7 +131,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = build_config(args)
     configs = experiments.compare_configs(base, args.methods, args.seeds)
     t0 = time.perf_counter()
-    records = _run_configs(args, configs, [""] * len(configs))
+    records = run_configs(args, configs, [""] * len(configs))
     wall = time.perf_counter() - t0
     out = Path(args.out)
     path = experiments.write_results(out, records, command=" ".join(sys.argv), extra={"wall_s": wall})
@@ -292,7 +147,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     configs = experiments.ablation_configs(base, args.param, args.values, args.seeds)
     names = [f"{args.param}={getattr(c, args.param)} seed {c.seed}" for c in configs]
     t0 = time.perf_counter()
-    records = _run_configs(args, configs, names)
+    records = run_configs(args, configs, names)
     wall = time.perf_counter() - t0
     out = Path(args.out)
     path = experiments.write_results(out, records, command=" ".join(sys.argv),
@@ -328,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       attacks=args.attacks, eps=args.eps, step_size=args.step_size or args.eps / 4,
                       steps=args.steps, aa_subset=args.aa_subset, device=device, seed=args.seed)
     out = experiments.eval_summary(result.correct, result.totals, result.subset_totals, result.aa_pgd20)
-    _print_eval(out)
+    print_eval(out)
     print(f"({time.perf_counter() - t0:.1f} s)")
     if args.out:
         Path(args.out).write_text(json.dumps({"student": args.student, "eps": args.eps, "eval": out}, indent=1))
@@ -395,7 +250,7 @@ def _headline(store: RunStore, run_id: str) -> str:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """Two lines per run, newest first: id, status and label; headline metrics and the student's path."""
-    store = _store(args)
+    store = open_store(args)
     for info in store.list_runs():
         student = info.run_dir / "student.pt"
         print(f"{info.run_id}  {info.status:11s}  {run_label(info.run_id, info.config, info.name)}")
@@ -404,7 +259,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = _store(args).export_run(args.run_id, Path(args.out))
+    path = open_store(args).export_run(args.run_id, Path(args.out))
     print(path)
     return 0
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from ferd import atomic
 from ferd.config import Config, load_preset, to_dict
+from ferd.console import open_store, run_configs
 from ferd.store import DB_NAME, RunStore
 from ferd.version import ENGINE_DIR, engine_version
 
@@ -230,16 +231,14 @@ def open_pack(root: Path, workdir: Path | None = None) -> Pack:
 def cmd_pack(args: argparse.Namespace) -> int:
     """`python -m ferd pack`: build the pack through the CLI's executor and progress bars, print where it went,
     its size and which runs were reused from the store."""
-    from ferd.cli import _run_configs, _store  # the CLI imports this module: import it back only when called
-
     pack_plan = plan(args.preset, args.seeds, w_uni=args.w_uni, utae_weight=args.utae_weight,
                      **({"num_threads": args.threads} if args.threads else {}))
-    store = _store(args)
+    store = open_store(args)
     reused = reusable_runs(store, pack_plan.configs)
     print(f"pack: {len(pack_plan.configs)} runs of preset {args.preset!r} -> {args.out} ({len(reused)} reused from "
           f"{store.root})", file=sys.stderr)
     manifest = build(Path(args.out), pack_plan, command="python -m ferd " + " ".join(sys.argv[1:]), store=store,
-                     run_configs=lambda configs, names: _run_configs(args, configs, names))
+                     run_configs=lambda configs, names: run_configs(args, configs, names))
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     print(f"{manifest} ({size / 2**20:.1f} MiB in {args.out})")
     return 0

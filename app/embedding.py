@@ -10,16 +10,14 @@ samples are projected into a fitted map (`transform`) so existing points do not 
 from __future__ import annotations
 
 import atexit
-import sys
 import threading
-import types
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.context import SpawnContext, SpawnProcess
+from multiprocessing.context import SpawnContext
 from typing import Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from app import umap_worker
 from app.charts import LAYOUT
 from app.colors import class_colors
 from ferd.events import Event, SamplesSynthesised
+from ferd.executor import NoMainSpawnProcess
 
 # The one process-wide global: numba-compiled UMAP code is not safe to run from two threads at once
 # (concurrent fits crash the interpreter), and every session's service object shares the same numba
@@ -41,29 +40,8 @@ UMAP = "UMAP"
 _SYMBOLS = ("circle", "diamond", "square", "x", "triangle-up", "cross")
 
 
-class _WorkerProcess(SpawnProcess):
-    """A spawned process that does not re-run the parent's `__main__` script.
-
-    Spawn makes the child import the parent's main module (`sys.modules["__main__"].__file__`) before the work
-    starts. Under `streamlit run` that is the app script (Streamlit installs it as `__main__` while it runs), so
-    the worker would execute app/main.py outside any script run: st.* calls logging "missing ScriptRunContext"
-    and the app's resources (job registry, store) created in the worker. The preparation data is taken while
-    `start()` runs, so a placeholder main module without a file is installed for just that call.
-    """
-
-    def start(self) -> None:
-        real = sys.modules.get("__main__")
-        placeholder = types.ModuleType("__main__")
-        sys.modules["__main__"] = placeholder
-        try:
-            super().start()
-        finally:
-            if sys.modules.get("__main__") is placeholder:  # a script run may have installed its own meanwhile
-                sys.modules["__main__"] = real
-
-
 class _WorkerContext(SpawnContext):
-    Process = _WorkerProcess
+    Process = NoMainSpawnProcess
 
 
 def _flat(features: np.ndarray, dtype: type) -> np.ndarray:

@@ -130,10 +130,12 @@ def stored_checkpoint(run_dir: Path, resume: bool) -> bytes | None:
     return path.read_bytes() if resume and path.is_file() else None
 
 
-class _WorkerProcess(SpawnProcess):
-    """A spawned worker that does not import the parent's `__main__` script: under `streamlit run` that is the
-    app script, which would run outside any script run in the worker. A placeholder main module without a
-    file is installed for just the `start()` call (when spawn takes its preparation data)."""
+class NoMainSpawnProcess(SpawnProcess):
+    """A spawned process that does not import the parent's `__main__` script: under `streamlit run` that is the
+    app script, which would run outside any script run in the child (st.* calls logging "missing
+    ScriptRunContext", the app's job registry and store created there). A placeholder main module without a
+    file is installed for just the `start()` call (when spawn takes its preparation data). Used by the run
+    workers here and by the dashboard's UMAP worker."""
 
     _lock = threading.Lock()  # driver threads start workers concurrently: one swap at a time
 
@@ -145,7 +147,7 @@ class _WorkerProcess(SpawnProcess):
             try:
                 super().start()
             finally:
-                if sys.modules.get("__main__") is placeholder:
+                if sys.modules.get("__main__") is placeholder:  # a script run may have installed its own meanwhile
                     sys.modules["__main__"] = real
 
 
@@ -154,7 +156,7 @@ class _ProcessHandle:
         ctx = mp.get_context("spawn")
         self._queue = ctx.Queue()
         self._stop = ctx.Event()
-        self._proc = _WorkerProcess(target=_process_main, name="ferd-worker",
+        self._proc = NoMainSpawnProcess(target=_process_main, name="ferd-worker",
                                     args=(cfg, resume, checkpoint, threads, self._queue, self._stop))
         self._proc.start()
 

@@ -262,7 +262,7 @@ def test_a_worker_does_not_run_the_parents_main_script(tmp_path, monkeypatch):
     import sys
     import types
 
-    from ferd.executor import _WorkerProcess
+    from ferd.executor import NoMainSpawnProcess
 
     marker = tmp_path / "ran"
     script = tmp_path / "app_script.py"
@@ -270,7 +270,7 @@ def test_a_worker_does_not_run_the_parents_main_script(tmp_path, monkeypatch):
     main = types.ModuleType("__main__")
     main.__file__ = str(script)
     monkeypatch.setitem(sys.modules, "__main__", main)
-    proc = _WorkerProcess(target=time.sleep, args=(0,))
+    proc = NoMainSpawnProcess(target=time.sleep, args=(0,))
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0 and not marker.exists()

@@ -23,7 +23,7 @@ import torch
 
 from ferd.config import Config
 from ferd.data import dataset_info
-from ferd.device import resolve_device, set_threads
+from ferd.device import fixed_threads, resolve_device, set_threads
 from ferd.engine import run
 from ferd.events import EpochFinished, RunFailed
 from ferd.feature_split import split_features, split_teacher_features
@@ -94,7 +94,7 @@ def count_flops(cfg: Config) -> float:
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:
-        for ev in run(cfg, threading.Event()):
+        for ev in run(cfg, threading.Event(), in_thread=False):  # FlopCounterMode counts this thread only
             if isinstance(ev, RunFailed):
                 raise RuntimeError(f"bench run failed: {ev.reason}")
     return float(counter.get_total_flops())
@@ -110,7 +110,8 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    load_teacher(cfg, device)
+    with fixed_threads(1):  # this thread must not open OpenMP regions before the run's compute thread (ferd.handoff)
+        load_teacher(cfg, device)
     teacher_s = time.perf_counter() - t0
     phases: dict[str, list[float]] = {}
     first_event = None
@@ -124,6 +125,7 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False
             for k, v in ev.phase_s.items():
                 phases.setdefault(k, []).append(v)
     total = time.perf_counter() - t0
+    set_threads(cfg.num_threads)  # the run set this thread to one; the split and the matmul use the run's count
     split_s, split_ref_s = time_split(cfg)
     flops_per_epoch = count_flops(cfg) / epochs
     matmul = matmul_gflops() if device.type == "cpu" else float("nan")

@@ -48,6 +48,7 @@ from ferd.events import (
     StudentProgress,
 )
 from ferd.feature_split import split_teacher_features
+from ferd.handoff import StopFlag, computed
 from ferd.models import Generator as ImageGenerator
 from ferd.models import create_model
 from ferd.reweighting import class_scores, class_weights, teacher_margins
@@ -81,7 +82,7 @@ class _State:
     warned: set[str]
 
 
-def _check_stop(stop: threading.Event) -> None:
+def _check_stop(stop: StopFlag) -> None:
     if stop.is_set():
         raise Stopped
 
@@ -125,10 +126,26 @@ def _first_student_epoch(cfg: Config) -> int:
 
 
 def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path | None = None,
-        resume: bool = False) -> Iterator[Event]:
+        resume: bool = False, in_thread: bool = True) -> Iterator[Event]:
     """Run `cfg` to the end (or until `stop` is set), yielding events. Never raises for a failed run:
-    the last event is RunFinished, RunStopped or RunFailed (with the reason)."""
+    the last event is RunFinished, RunStopped or RunFailed (with the reason).
+
+    The run computes in a thread of its own and hands each event over when the caller asks for the next one
+    (ferd.handoff: it keeps torch's OpenMP regions in one thread). `in_thread=False` computes in the caller's
+    thread instead (for thread-local tools such as FlopCounterMode); stage progress then arrives after each stage.
+    With a thread, the caller's own torch work is set to one thread: it only hands events on, and a second thread
+    opening OpenMP regions would slow the run down (ferd.handoff)."""
     stop = stop or threading.Event()
+    if in_thread:
+        torch.set_num_threads(1)
+
+    def events(halt: StopFlag) -> Iterator[Event]:
+        return _guarded(cfg, halt, run_dir, resume)
+
+    return computed(events, stop) if in_thread else events(stop)
+
+
+def _guarded(cfg: Config, stop: StopFlag, run_dir: str | Path | None, resume: bool) -> Iterator[Event]:
     epoch = [0]
     try:
         yield from _run(cfg, stop, Path(run_dir) if run_dir else None, resume, epoch)
@@ -140,7 +157,7 @@ def run(cfg: Config, stop: threading.Event | None = None, *, run_dir: str | Path
         yield RunFailed(epoch=epoch[0], reason=f"{type(e).__name__}: {e}", detail=traceback.format_exc())
 
 
-def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
+def _run(cfg: Config, stop: StopFlag, run_dir: Path | None, resume: bool,
          epoch_box: list[int]) -> Iterator[Event]:
     t_start = time.perf_counter()
     set_threads(cfg.num_threads)
@@ -224,7 +241,7 @@ def _run(cfg: Config, stop: threading.Event, run_dir: Path | None, resume: bool,
 
 
 def _synthesis(cfg: Config, synth: Synthesizer, student: nn.Module, state: _State, teacher: nn.Module,
-               stop: threading.Event, epoch: int, c: int) -> Generator[Event, None, tuple | None]:
+               stop: StopFlag, epoch: int, c: int) -> Generator[Event, None, tuple | None]:
     """Phase A: run the generator, keep x*, add it to the memory, yield progress and diagnostics."""
     steps = synth.synthesise(torch.as_tensor(state.weights, dtype=torch.float32), student, stop.is_set)
     while True:
@@ -291,7 +308,7 @@ def _reweight(cfg: Config, teacher: nn.Module, kept: tuple, state: _State, epoch
 
 
 def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, teacher: nn.Module,
-            state: _State, stop: threading.Event, epoch: int, c: int, flip: bool) -> Iterator[Event]:
+            state: _State, stop: StopFlag, epoch: int, c: int, flip: bool) -> Iterator[Event]:
     """Phase C: N_S student steps on batches of the memory, clean + adversarial."""
     lr = student_lr(cfg, epoch)
     for group in optimizer.param_groups:

@@ -12,7 +12,7 @@ import torch
 
 from ferd.config import Config, ConfigError
 from ferd.data import DATASETS
-from ferd.device import resolve_device
+from ferd.device import fixed_threads, resolve_device
 from ferd.models import MODELS
 from ferd.teachers import TeacherError, load_checkpoint
 
@@ -32,9 +32,10 @@ def check_runnable(cfg: Config) -> None:
     if cfg.teacher_checkpoint:
         info = DATASETS[cfg.dataset]
         try:
-            load_checkpoint(cfg.teacher_checkpoint, cfg.teacher_arch, num_classes=info.num_classes,
-                            in_channels=info.image_shape[0], image_size=info.image_shape[1],
-                            device=torch.device("cpu"))
+            with fixed_threads(1):  # this thread only checks; a run computes in a thread of its own (ferd.handoff)
+                load_checkpoint(cfg.teacher_checkpoint, cfg.teacher_arch, num_classes=info.num_classes,
+                                in_channels=info.image_shape[0], image_size=info.image_shape[1],
+                                device=torch.device("cpu"))
         except TeacherError as e:
             raise ConfigError(f"teacher_checkpoint: {e}") from e
     elif cfg.dataset != "digits":

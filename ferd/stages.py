@@ -1,11 +1,9 @@
 """Long stages of a run that report progress while they run: training the embedded teacher on first use
-(before RunStarted) and an evaluation's attacks. Neither can yield itself, so each runs in a helper thread
-(`pumped`) and its StageProgress events are passed on as they come."""
+(before RunStarted) and an evaluation's attacks. Neither can yield itself; `pumped` hands their StageProgress
+events to the caller as they come (the run's compute thread, ferd.handoff)."""
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Generator
 from typing import TypeVar
 
@@ -15,38 +13,26 @@ import torch.nn as nn
 from ferd.config import Config
 from ferd.evaluation import Evaluation, evaluate
 from ferd.events import Event, StageProgress
+from ferd.handoff import direct_emitter
 from ferd.teachers import TeacherInfo, load_teacher, will_train
 
 TEACHER_STAGE = "training the embedded teacher (first use only)"
 
 T = TypeVar("T")
 E = TypeVar("E")
-_DONE = object()
 
 
 def pumped(work: Callable[[Callable[[E], None]], T]) -> Generator[E, None, T]:
-    """Run `work(emit)` in a helper thread, yield the events it emits while it runs, and return its result (or
-    raise its exception). Long calls that cannot yield themselves (training the teacher, an evaluation) report
-    their progress this way while they run."""
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = work(events.put)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
-            outcome["error"] = e
-        finally:
-            events.put(_DONE)
-
-    thread = threading.Thread(target=target, name="ferd-stage", daemon=True)
-    thread.start()
-    while (item := events.get()) is not _DONE:
-        yield item
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    """Run `work(emit)` in this thread and return its result. In a run's compute thread (ferd.handoff) each event
+    `work` emits reaches the caller at once, while `work` runs; elsewhere they are yielded after it returns. No
+    helper thread: a second thread opening OpenMP regions would slow torch down (see ferd.handoff)."""
+    emit = direct_emitter()
+    if emit is not None:
+        return work(emit)
+    events: list[E] = []
+    value = work(events.append)
+    yield from events
+    return value
 
 
 def teacher_stage(cfg: Config, device: torch.device, *,

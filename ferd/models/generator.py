@@ -31,7 +31,9 @@ class Generator(nn.Module):
             nn.Conv2d(width, out_channels, 3, padding=1),
             nn.Sigmoid(),
         )
+        self.to(memory_format=torch.channels_last)  # oneDNN's NHWC kernels, as the classifiers (ferd.models)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.l1(z).view(z.shape[0], 2 * self.width, self.init_size, self.init_size)  # (B, 2w, s/4, s/4)
+        h = h.contiguous(memory_format=torch.channels_last)
         return self.conv_blocks(h)  # (B, C, s, s)

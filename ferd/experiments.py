@@ -305,36 +305,49 @@ def markdown_compare_table(records: Sequence[dict[str, Any]]) -> str:
 
 
 def ablation_table(records: Sequence[dict[str, Any]], param: str) -> pd.DataFrame:
-    """Per value of `param`: n and mean/std over seeds of clean mean, PGD-20 mean, PGD-20 worst class, PGD-20 NSD."""
+    """Per value of `param`: n and mean/std over seeds of clean mean, PGD-20 mean, PGD-20 worst class, PGD-20 NSD,
+    and of the training attack's success rate and target entropy (results.json `training_attack`, means over the
+    last 5 epochs; NaN for runs recorded before those fields existed)."""
     rows = []
     for r in records:
         if "pgd20" not in r["eval"] or "clean" not in r["eval"]:
             continue
+        attack = r.get("training_attack") or {}
         rows.append({"value": r["config"][param], "clean": r["eval"]["clean"]["mean"],
                      "pgd20_mean": r["eval"]["pgd20"]["mean"], "pgd20_worst": r["eval"]["pgd20"]["worst"],
-                     "pgd20_nsd": r["eval"]["pgd20"]["nsd"]})
+                     "pgd20_nsd": r["eval"]["pgd20"]["nsd"],
+                     "attack_success": _number(attack.get("success_rate")),
+                     "target_entropy": _number(attack.get("target_entropy"))})
     cols = ["value", "n", "clean_mean", "clean_std", "pgd20_mean", "pgd20_mean_std", "pgd20_worst",
-            "pgd20_worst_std", "pgd20_nsd", "pgd20_nsd_std"]
+            "pgd20_worst_std", "pgd20_nsd", "pgd20_nsd_std", "attack_success", "attack_success_std",
+            "target_entropy", "target_entropy_std"]
     if not rows:
         return pd.DataFrame(columns=cols)
     df = pd.DataFrame(rows).astype(float)
     g = df.groupby("value")
-    out = pd.DataFrame({
-        "n": g.size(), "clean_mean": g["clean"].mean(), "clean_std": g["clean"].std(),
-        "pgd20_mean": g["pgd20_mean"].mean(), "pgd20_mean_std": g["pgd20_mean"].std(),
-        "pgd20_worst": g["pgd20_worst"].mean(), "pgd20_worst_std": g["pgd20_worst"].std(),
-        "pgd20_nsd": g["pgd20_nsd"].mean(), "pgd20_nsd_std": g["pgd20_nsd"].std(),
-    }).reset_index()
-    return out[cols]
+    stats = {"n": g.size()}
+    for name, column in (("clean_mean", "clean"), ("pgd20_mean", "pgd20_mean"), ("pgd20_worst", "pgd20_worst"),
+                         ("pgd20_nsd", "pgd20_nsd"), ("attack_success", "attack_success"),
+                         ("target_entropy", "target_entropy")):
+        stats[name] = g[column].mean()
+        stats[("clean_std" if name == "clean_mean" else f"{name}_std")] = g[column].std()
+    return pd.DataFrame(stats).reset_index()[cols]
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def markdown_ablation_table(table: pd.DataFrame, param: str) -> str:
-    head = [param, "n", "clean %", "PGD-20 mean %", "PGD-20 worst class %", "PGD-20 NSD"]
+    head = [param, "n", "clean %", "PGD-20 mean %", "PGD-20 worst class %", "PGD-20 NSD",
+            "training-attack success %", "target entropy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         lines.append(f"| {r['value']:g} | {int(r['n'])} | {pm(r['clean_mean'], r['clean_std'])} | "
                      f"{pm(r['pgd20_mean'], r['pgd20_mean_std'])} | {pm(r['pgd20_worst'], r['pgd20_worst_std'])} | "
-                     f"{pm(r['pgd20_nsd'], r['pgd20_nsd_std'], scale=1.0, digits=3)} |")
+                     f"{pm(r['pgd20_nsd'], r['pgd20_nsd_std'], scale=1.0, digits=3)} | "
+                     f"{pm(r['attack_success'], r['attack_success_std'])} | "
+                     f"{pm(r['target_entropy'], r['target_entropy_std'], scale=1.0, digits=3)} |")
     return "\n".join(lines)
 
 

@@ -235,3 +235,25 @@ def test_marginal_weight_is_validated(tiny_cfg):
         tiny_cfg.replace(utae_marginal_weight=-0.1)
     with pytest.raises(ConfigError, match="utae_mode"):
         tiny_cfg.replace(utae_mode="marginal")
+
+
+def test_ablation_table_reports_the_training_attack_per_value():
+    """`ablate`'s table carries the training attack's success rate and target entropy (mean ± std over seeds) beside
+    the accuracies; a record without them (an older run) reads as missing, not as 0."""
+    from ferd.experiments import ablation_table, markdown_ablation_table
+
+    def record(value, seed, success, entropy):
+        ev = {"clean": {"mean": 0.9}, "pgd20": {"mean": 0.5, "worst": 0.0, "nsd": 0.6}}
+        attack = None if success is None else {"success_rate": success, "target_entropy": entropy}
+        return {"config": {"utae_weight": value}, "seed": seed, "eval": ev, "training_attack": attack}
+
+    table = ablation_table([record(0.1, 0, 0.6, 0.8), record(0.1, 1, 0.4, 0.9), record(10, 0, None, None)],
+                           "utae_weight")
+    low, high = table.iloc[0], table.iloc[1]
+    assert low["value"] == 0.1 and low["n"] == 2
+    assert low["attack_success"] == pytest.approx(0.5) and low["attack_success_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert low["target_entropy"] == pytest.approx(0.85)
+    assert np.isnan(high["attack_success"]) and np.isnan(high["target_entropy"])
+    md = markdown_ablation_table(table, "utae_weight").splitlines()
+    assert md[0].endswith("| training-attack success % | target entropy |")
+    assert md[2].endswith("| 50.0 ± 14.1 | 0.850 ± 0.071 |") and md[3].endswith("| – | – |")

@@ -34,7 +34,8 @@ LABELS = {"w_uni": "uniformity weight w_uni", "c_min": "c_min", "c_max": "c_max"
           "eps": "ε (L∞, pixels in [0,1])", "epochs": "epochs E", "generator_steps": "generator steps N_G",
           "student_steps": "student steps N_S", "batch_size": "batch size B", "seed": "seed",
           "utae_mode": "UTAE mode", "mask_rule": "feature-split mask rule", "generator_reset": "generator reset",
-          "reweight": "robustness-guided reweighting"}
+          "reweight": "robustness-guided reweighting",
+          "utae_marginal_weight": "UTAE batch-spread weight λ_m (marginal-kl)"}
 
 
 UTAE_WEIGHTS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -89,7 +90,10 @@ def config_form(defaults: Config, key: str) -> Config | None:
             LABELS["utae_weight"], utae_weight_options(base.utae_weight), value=float(base.utae_weight),
             format_func=lambda v: f"{v:g}", key=f"{prefix}-utae_weight",
             help=(field_doc("utae_weight") + " Large values can switch the training attack off: the Live page "
-                  "shows its success rate against an untargeted reference."))
+                  "shows its success rate against an untargeted reference. Used by the uniform-kl mode."))
+        values["utae_marginal_weight"] = st.number_input(
+            LABELS["utae_marginal_weight"], min_value=0.0, value=float(base.utae_marginal_weight), step=0.05,
+            format="%.3g", key=f"{prefix}-utae_marginal_weight", help=field_doc("utae_marginal_weight") or None)
         for name in CHOICE_FIELDS:
             options = list(CHOICE_FIELDS[name])
             values[name] = st.selectbox(LABELS[name], options, index=options.index(getattr(base, name)),

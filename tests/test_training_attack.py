@@ -167,7 +167,7 @@ def test_compare_attack_strength_table():
     assert (row["attack success"], row["untargeted reference"], row["ratio"]) == ("13%", "50%", "40%")
 
 
-def test_utae_weight_slider_reaches_the_run(tmp_path, monkeypatch):
+def test_utae_weight_slider_and_marginal_weight_reach_the_run(tmp_path, monkeypatch):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -182,6 +182,7 @@ def test_utae_weight_slider_reaches_the_run(tmp_path, monkeypatch):
     slider = at.select_slider(key=f"{form}-utae_weight")
     assert 0.1 in slider.options or "0.1" in slider.options
     slider.set_value(0.3)
+    at.number_input(key=f"{form}-utae_marginal_weight").set_value(0.2)
     at.number_input(key=f"{form}-epochs").set_value(3)
     at.button(key="live-start").click().run()
     assert not at.exception, at.exception
@@ -190,7 +191,8 @@ def test_utae_weight_slider_reaches_the_run(tmp_path, monkeypatch):
     while not store.list_runs() and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        assert store.list_runs()[0].config["utae_weight"] == 0.3
+        config = store.list_runs()[0].config
+        assert config["utae_weight"] == 0.3 and config["utae_marginal_weight"] == 0.2
     finally:
         store.close()
         st.cache_resource.clear()

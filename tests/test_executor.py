@@ -150,14 +150,19 @@ def test_ctrl_c_stops_every_run_in_flight_and_drops_the_queued_ones(tmp_path, ti
         slots = 2
 
         def run_fn(self, cfg, stop=None, *, run_dir=None, resume=False):
+            if cfg.seed == 1:  # a real Ctrl-C once both slots run (not at a fixed time: start-up varies under load)
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
             return slow_fake_run(0.01)(cfg, stop, run_dir=run_dir, resume=resume)
 
     store = RunStore(tmp_path)
     configs = [tiny_cfg.replace(epochs=500, seed=s) for s in range(3)]
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # a real Ctrl-C
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C, whatever ran before
     t = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        run_many(configs, store, executor=Pool())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_many(configs, store, executor=Pool())
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert time.perf_counter() - t < 5
     assert sorted(r.status for r in store.list_runs()) == ["stopped"] * 3  # the third one before it started
     third = next(r for r in store.list_runs() if r.seed == 2)

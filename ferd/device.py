@@ -6,7 +6,7 @@ Everything below the entry points takes its device from its inputs (tensors and 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -68,3 +68,22 @@ def fixed_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_evaluation_cores: Callable[[], int] | None = None
+
+
+def set_evaluation_threads(source: Callable[[], int] | None) -> None:
+    """Where this process's evaluations may take more torch threads from: `source()` is the count the cores idle
+    now allow (a local executor's worker, `ferd.executor`); None: evaluations keep the run's own count."""
+    global _evaluation_cores
+    _evaluation_cores = source
+
+
+def evaluation_threads(own: int) -> int:
+    """Torch threads for the next unit of an evaluation whose run computes with `own` threads: more where the
+    executor says cores are idle. Safe for results: an evaluation computes forward passes and input gradients
+    only, and on this project's CPU every attack's adversarial examples were bit-identical at 1 and 2 threads
+    (tests/test_device.py checks it); training is not (weight gradients sum in a thread-dependent order), so its
+    count never changes."""
+    return max(own, _evaluation_cores()) if _evaluation_cores is not None else own

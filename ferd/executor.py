@@ -26,7 +26,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import ForkServerProcess, SpawnProcess
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,15 +60,17 @@ class WorkerGone(Exception):
 
 
 # ---- worker side ----
-def worker_messages(cfg: Config, stop: Any, *, resume: bool, checkpoint: bytes | None,
-                    threads: int | None) -> Iterator[Event | FileBlob]:
+def worker_messages(cfg: Config, stop: Any, *, resume: bool, checkpoint: bytes | None, threads: int | None,
+                    evaluation_cores: Callable[[], int] | None = None) -> Iterator[Event | FileBlob]:
     """Run the engine in a temporary folder; yield its events, each file it wrote just before the event
-    that announces it."""
+    that announces it. `evaluation_cores()`, where given, is how many threads the run's evaluations may use now
+    (`ferd.device.set_evaluation_threads`)."""
     from ferd import engine
-    from ferd.device import set_auto_threads
+    from ferd.device import set_auto_threads, set_evaluation_threads
 
     if threads:
         set_auto_threads(threads)
+    set_evaluation_threads(evaluation_cores)
     with tempfile.TemporaryDirectory(prefix="ferd-worker-") as tmp:
         folder = Path(tmp)
         if checkpoint is not None:
@@ -82,9 +84,10 @@ def worker_messages(cfg: Config, stop: Any, *, resume: bool, checkpoint: bytes |
 
 
 def _process_main(cfg: Config, resume: bool, checkpoint: bytes | None, threads: int | None,
-                  out: Any, stop: Any) -> None:
+                  out: Any, stop: Any, evaluation_cores: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which forwards a stop
-    for msg in worker_messages(cfg, stop, resume=resume, checkpoint=checkpoint, threads=threads):
+    for msg in worker_messages(cfg, stop, resume=resume, checkpoint=checkpoint, threads=threads,
+                               evaluation_cores=lambda: evaluation_cores.value):
         out.put(msg)
 
 
@@ -130,12 +133,11 @@ def stored_checkpoint(run_dir: Path, resume: bool) -> bytes | None:
     return path.read_bytes() if resume and path.is_file() else None
 
 
-class NoMainSpawnProcess(SpawnProcess):
-    """A spawned process that does not import the parent's `__main__` script: under `streamlit run` that is the
-    app script, which would run outside any script run in the child (st.* calls logging "missing
-    ScriptRunContext", the app's job registry and store created there). A placeholder main module without a
-    file is installed for just the `start()` call (when spawn takes its preparation data). Used by the run
-    workers here and by the dashboard's UMAP worker."""
+class _NoMainStart:
+    """start() without the parent's `__main__` script: under `streamlit run` that is the app script, which would
+    run outside any script run in the child (st.* calls logging "missing ScriptRunContext", the app's job
+    registry and store created there). A placeholder main module without a file is installed for just the
+    `start()` call (when spawn and forkserver take their preparation data)."""
 
     _lock = threading.Lock()  # driver threads start workers concurrently: one swap at a time
 
@@ -145,19 +147,49 @@ class NoMainSpawnProcess(SpawnProcess):
             placeholder = types.ModuleType("__main__")
             sys.modules["__main__"] = placeholder
             try:
-                super().start()
+                super().start()  # type: ignore[misc]
             finally:
                 if sys.modules.get("__main__") is placeholder:  # a script run may have installed its own meanwhile
                     sys.modules["__main__"] = real
 
 
+class NoMainSpawnProcess(_NoMainStart, SpawnProcess):
+    """A spawned process that does not import the parent's `__main__` (see `_NoMainStart`). Used by the
+    dashboard's UMAP worker, and by the run workers where forkserver is not available."""
+
+
+class NoMainForkServerProcess(_NoMainStart, ForkServerProcess):
+    """A process forked from the forkserver, without the parent's `__main__` (see `_NoMainStart`)."""
+
+
+WORKER_PRELOAD = ("ferd.executor", "ferd.engine", "ferd.data", "sklearn.datasets", "sklearn.model_selection",
+                  "torch._dynamo")
+"""What the forkserver imports once, so that each run worker forked from it starts with them imported: a spawned
+worker spent ~4 s importing torch and ferd, and each run ~2 s importing scikit-learn (the digits and their split)
+and ~2 s importing torch._dynamo (torch.optim's optimisers import it when built). The forkserver runs no torch
+op, so no OpenMP thread pool exists to be inherited by a fork."""
+
+
+def worker_context() -> tuple[Any, type]:
+    """The multiprocessing context and process class of the run workers: forkserver where the platform has it
+    (Linux, macOS), preloaded with `WORKER_PRELOAD`; spawn elsewhere."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(WORKER_PRELOAD))
+        return ctx, NoMainForkServerProcess
+    return mp.get_context("spawn"), NoMainSpawnProcess
+
+
 class _ProcessHandle:
-    def __init__(self, cfg: Config, resume: bool, checkpoint: bytes | None, threads: int) -> None:
-        ctx = mp.get_context("spawn")
+    def __init__(self, cfg: Config, resume: bool, checkpoint: bytes | None, threads: int,
+                 on_close: Callable[[_ProcessHandle], None] = lambda _h: None) -> None:
+        ctx, process = worker_context()
         self._queue = ctx.Queue()
         self._stop = ctx.Event()
-        self._proc = NoMainSpawnProcess(target=_process_main, name="ferd-worker",
-                                    args=(cfg, resume, checkpoint, threads, self._queue, self._stop))
+        self.evaluation_cores = ctx.RawValue("i", threads)  # the driver raises it while other cores are idle
+        self._on_close = on_close
+        self._proc = process(target=_process_main, name="ferd-worker",
+                             args=(cfg, resume, checkpoint, threads, self._queue, self._stop, self.evaluation_cores))
         self._proc.start()
 
     def poll(self, timeout: float) -> list[Event | FileBlob]:
@@ -186,6 +218,7 @@ class _ProcessHandle:
             self._proc.kill()
             self._proc.join()
         self._queue.close()
+        self._on_close(self)
 
 
 class Executor:
@@ -262,22 +295,50 @@ def plan_workers(configs: list[Config] | tuple[Config, ...], workers: int | None
     return n, fixed or max(1, cores // n)
 
 
+def evaluation_share(cores: int, threads: int, running: int) -> int:
+    """Torch threads each of `running` runs (of `threads` threads each) may give its evaluations on `cores`
+    cores: its own plus an even share of the idle ones."""
+    if running < 1:
+        return threads
+    return threads + max(0, cores - threads * running) // running
+
+
 class LocalExecutor(Executor):
-    """`workers` worker processes at most (spawned, one per run: a crash costs one run, no state leaks)."""
+    """`workers` worker processes at most (one per run, forked from a preloaded forkserver: a crash costs one
+    run, no state leaks). While fewer runs than workers are running (the queue is drained), the runs'
+    evaluations use the idle cores (`evaluation_share`); their training keeps its thread count."""
 
     name = "local"
 
-    def __init__(self, workers: int, threads: int) -> None:
+    def __init__(self, workers: int, threads: int, cores: int | None = None) -> None:
         if workers < 1 or threads < 1:
             raise ExecutorError(f"local executor needs workers >= 1 and threads >= 1, got {workers} and {threads}")
         self.slots, self.threads = workers, threads
+        self.cores = max(cores or os.cpu_count() or 1, workers * threads)
+        self._running: list[_ProcessHandle] = []
+        self._lock = threading.Lock()
 
     def run_fn(self, cfg: Config, stop: threading.Event | None = None, *, run_dir: Path | None = None,
                resume: bool = False) -> Iterator[Event]:
         if run_dir is None:
             raise ValueError("the local executor needs the run's folder")
-        handle = _ProcessHandle(cfg, resume, stored_checkpoint(Path(run_dir), resume), self.threads)
+        handle = _ProcessHandle(cfg, resume, stored_checkpoint(Path(run_dir), resume), self.threads,
+                                on_close=self._ended)
+        with self._lock:
+            self._running.append(handle)
+            self._share()
         return relay(handle, stop, Path(run_dir))
+
+    def _ended(self, handle: _ProcessHandle) -> None:
+        with self._lock:
+            if handle in self._running:
+                self._running.remove(handle)
+            self._share()
+
+    def _share(self) -> None:
+        share = evaluation_share(self.cores, self.threads, len(self._running))
+        for handle in self._running:
+            handle.evaluation_cores.value = share
 
     def describe(self) -> str:
         return f"local: {self.slots} worker process(es) x {self.threads} torch thread(s)"

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ferd.config import Config
+from ferd.device import evaluation_threads, fixed_threads
 from ferd.evaluation import Evaluation, evaluate
 from ferd.events import Event, StageProgress
 from ferd.handoff import direct_emitter
@@ -61,16 +62,21 @@ def evaluation_stage(cfg: Config, student: nn.Module, x_test: torch.Tensor, y_te
                      num_classes: int, device: torch.device, stop: Callable[[], bool], epoch: int,
                      final: bool) -> Generator[Event, None, Evaluation]:
     """The evaluation of `epoch` (the final attacks when `final`) on the real test split, with a StageProgress
-    per unit of work (`ferd.evaluation.Progress`). `stop()` true ends it with `Interrupted`."""
+    per unit of work (`ferd.evaluation.Progress`). `stop()` true ends it with `Interrupted`. Each unit may use
+    cores an executor reports idle (`ferd.device.evaluation_threads`); the run's own count is restored after."""
+
+    own = torch.get_num_threads()
 
     def work(emit: Callable[[Event], None]) -> Evaluation:
         def progress(label: str, done: int, total: int) -> None:
             emit(StageProgress(epoch=epoch, stage="evaluation", step=done, total_steps=total, label=label))
+            torch.set_num_threads(evaluation_threads(own))  # before each unit: idle cores may come and go
 
-        return evaluate(student, x_test, y_test, num_classes=num_classes,
-                        attacks=cfg.final_attacks if final else cfg.eval_attacks, eps=cfg.eps,
-                        step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
-                        batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device, seed=cfg.seed,
-                        should_stop=stop, progress=progress)
+        with fixed_threads(evaluation_threads(own)):  # the run's own count restored afterwards
+            return evaluate(student, x_test, y_test, num_classes=num_classes,
+                            attacks=cfg.final_attacks if final else cfg.eval_attacks, eps=cfg.eps,
+                            step_size=cfg.step_size, steps=cfg.eval_steps, kappa=cfg.cw_kappa,
+                            batch_size=cfg.eval_batch_size, aa_subset=cfg.aa_subset, device=device,
+                            seed=cfg.seed, should_stop=stop, progress=progress)
 
     return (yield from pumped(work))

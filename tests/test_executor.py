@@ -262,12 +262,18 @@ def test_local_pool_stops_fast_resumes_and_survives_a_killed_worker(tmp_path, ti
     assert _counts(store, killed["run_id"]) == _counts(store, whole["run_id"])
 
 
-def test_a_worker_does_not_run_the_parents_main_script(tmp_path, monkeypatch):
-    """Under `streamlit run` the app script is `__main__`; a spawned worker must not execute it."""
+@pytest.mark.parametrize("kind", ["spawn", "forkserver"])
+def test_a_worker_does_not_run_the_parents_main_script(tmp_path, monkeypatch, kind):
+    """Under `streamlit run` the app script is `__main__`; a worker (spawned, or forked from the forkserver) must
+    not execute it."""
     import sys
     import types
 
-    from ferd.executor import NoMainSpawnProcess
+    from ferd.executor import NoMainForkServerProcess, NoMainSpawnProcess, worker_context
+
+    if kind == "forkserver":
+        worker_context()  # the forkserver's preload, as the run workers get it
+    process = NoMainSpawnProcess if kind == "spawn" else NoMainForkServerProcess
 
     marker = tmp_path / "ran"
     script = tmp_path / "app_script.py"
@@ -275,8 +281,51 @@ def test_a_worker_does_not_run_the_parents_main_script(tmp_path, monkeypatch):
     main = types.ModuleType("__main__")
     main.__file__ = str(script)
     monkeypatch.setitem(sys.modules, "__main__", main)
-    proc = NoMainSpawnProcess(target=time.sleep, args=(0,))
+    proc = process(target=time.sleep, args=(0,))
     proc.start()
     proc.join(60)
     assert proc.exitcode == 0 and not marker.exists()
     assert sys.modules["__main__"] is main
+
+
+def _preloaded(out) -> None:
+    import sys
+
+    from ferd.executor import WORKER_PRELOAD
+
+    out.put([name for name in WORKER_PRELOAD if name not in sys.modules])
+
+
+def test_run_workers_start_with_the_engine_and_its_imports_loaded():
+    from ferd.executor import worker_context
+
+    ctx, process = worker_context()
+    out = ctx.Queue()
+    proc = process(target=_preloaded, args=(out,))
+    proc.start()
+    assert out.get(timeout=120) == []
+    proc.join(60)
+
+
+def test_evaluations_share_the_idle_cores_between_the_running_runs():
+    from ferd.executor import evaluation_share
+
+    assert evaluation_share(cores=2, threads=1, running=2) == 1
+    assert evaluation_share(cores=2, threads=1, running=1) == 2  # the other worker is idle
+    assert evaluation_share(cores=8, threads=2, running=3) == 2 + 2 // 3
+    assert evaluation_share(cores=8, threads=2, running=1) == 8
+    assert evaluation_share(cores=2, threads=1, running=0) == 1
+
+
+def test_the_pool_raises_a_lone_runs_evaluation_threads_and_lowers_them_when_another_starts(tmp_path, tiny_cfg):
+    """The driver-side bookkeeping: each running worker's share follows how many runs are running."""
+    ex = LocalExecutor(2, 1, cores=2)
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    first = ex.run_fn(tiny_cfg, run_dir=tmp_path / "a")
+    assert [h.evaluation_cores.value for h in ex._running] == [2]
+    second = ex.run_fn(tiny_cfg, run_dir=tmp_path / "b")
+    assert [h.evaluation_cores.value for h in ex._running] == [1, 1]
+    for events in (first, second):
+        assert list(events)[-1].kind == "run_finished"
+    assert ex._running == []

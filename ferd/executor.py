@@ -84,8 +84,13 @@ def worker_messages(cfg: Config, stop: Any, *, resume: bool, checkpoint: bytes |
 
 
 def _process_main(cfg: Config, resume: bool, checkpoint: bytes | None, threads: int | None,
-                  out: Any, stop: Any, evaluation_cores: Any) -> None:
+                  out: Any, stop: Any, evaluation_cores: Any, environ: dict[str, str], cwd: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which forwards a stop
+    # A fork of the forkserver has the forkserver's environment and folder; a run sees the driver's, as spawned
+    # workers did (FERD_CACHE_DIR, FERD_DATA_DIR, relative data roots).
+    os.environ.clear()
+    os.environ.update(environ)
+    os.chdir(cwd)
     for msg in worker_messages(cfg, stop, resume=resume, checkpoint=checkpoint, threads=threads,
                                evaluation_cores=lambda: evaluation_cores.value):
         out.put(msg)
@@ -189,7 +194,8 @@ class _ProcessHandle:
         self.evaluation_cores = ctx.RawValue("i", threads)  # the driver raises it while other cores are idle
         self._on_close = on_close
         self._proc = process(target=_process_main, name="ferd-worker",
-                             args=(cfg, resume, checkpoint, threads, self._queue, self._stop, self.evaluation_cores))
+                             args=(cfg, resume, checkpoint, threads, self._queue, self._stop, self.evaluation_cores,
+                                   dict(os.environ), os.getcwd()))
         self._proc.start()
 
     def poll(self, timeout: float) -> list[Event | FileBlob]:

@@ -329,3 +329,19 @@ def test_the_pool_raises_a_lone_runs_evaluation_threads_and_lowers_them_when_ano
     for events in (first, second):
         assert list(events)[-1].kind == "run_finished"
     assert ex._running == []
+
+
+
+@pytest.mark.slow
+def test_a_worker_runs_with_the_drivers_environment_and_folder(tmp_path, monkeypatch, tiny_cfg):
+    """The forkserver started earlier, under another environment and folder; a run must see the driver's as they
+    are now (its teacher cache, data folder, relative paths), as a spawned worker would."""
+    ex = LocalExecutor(1, 1)
+    (tmp_path / "first").mkdir()
+    assert list(ex.run_fn(tiny_cfg, run_dir=tmp_path / "first"))[-1].kind == "run_finished"  # forkserver up
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FERD_CACHE_DIR", "cache")  # relative: to the driver's folder
+    (tmp_path / "second").mkdir()
+    events = list(ex.run_fn(tiny_cfg, run_dir=tmp_path / "second"))
+    assert events[-1].kind == "run_finished"
+    assert list((tmp_path / "cache").rglob("*.pt"))  # the smoke teacher was trained into the driver's cache folder

@@ -26,6 +26,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from multiprocessing.context import ForkServerProcess, SpawnProcess
 from pathlib import Path
 from typing import Any, Protocol
@@ -175,9 +176,10 @@ and ~2 s importing torch._dynamo (torch.optim's optimisers import it when built)
 op, so no OpenMP thread pool exists to be inherited by a fork."""
 
 
+@cache
 def worker_context() -> tuple[Any, type]:
     """The multiprocessing context and process class of the run workers: forkserver where the platform has it
-    (Linux, macOS), preloaded with `WORKER_PRELOAD`; spawn elsewhere."""
+    (Linux, macOS), preloaded with `WORKER_PRELOAD`; spawn elsewhere. Decided once per process."""
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(list(WORKER_PRELOAD))

@@ -3,14 +3,17 @@
 `digits` (scikit-learn's handwritten digits, offline) is the embedded default (METHOD.md §10).
 torchvision datasets are read from a data root (downloaded there when the machine is online),
 Tiny-ImageNet from an ImageFolder-style folder. Decoded tensors are cached once per process; callers
-must not modify them in place.
+must not modify them in place. The digits splits are also kept in the cache folder (`cache_dir()`), so that a
+run need not import scikit-learn (about 2 s) after its first use on a machine.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +69,16 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
+def cache_dir() -> Path:
+    """$FERD_CACHE_DIR, else the user cache dir of ferd-studio (embedded teachers, the digits splits)."""
+    env = os.environ.get("FERD_CACHE_DIR", "")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("ferd-studio"))
+
+
 def default_data_root() -> Path:
     """$FERD_DATA_DIR, else the user data dir / ferd-studio / data."""
     env = os.environ.get("FERD_DATA_DIR", "")
@@ -114,8 +127,50 @@ def _load(name: str, root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ---- digits (embedded, offline) ----
+DIGITS_CACHE_VERSION = 1  # bump when _digits_from_sklearn changes what it computes
+
+
 def _digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn digits / 16, bilinear 8x8 -> 16x16, stratified 70/30 split with seed 0 (1257 / 540)."""
+    """sklearn digits / 16, bilinear 8x8 -> 16x16, stratified 70/30 split with seed 0 (1257 / 540).
+
+    Read from the cache folder when an earlier process wrote them for this scikit-learn version (the same
+    bits: the arrays are stored as computed); computed, then written, otherwise. A cache file that cannot be
+    read is computed again and replaced."""
+    arrays = _cached_digits()
+    key = "train" if train else "test"
+    return torch.from_numpy(arrays[f"x_{key}"]), torch.from_numpy(arrays[f"y_{key}"])
+
+
+def _digits_cache_path() -> Path:
+    from importlib.metadata import version
+
+    return cache_dir() / "data" / f"digits-sklearn{version('scikit-learn')}-v{DIGITS_CACHE_VERSION}.npz"
+
+
+def _cached_digits() -> dict[str, np.ndarray]:
+    path = _digits_cache_path()
+    names = ("x_train", "y_train", "x_test", "y_test")
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in names}
+        if arrays["x_train"].shape[1:] == (1, 16, 16) and len(arrays["x_test"]) == len(arrays["y_test"]):
+            return arrays
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # absent or unreadable: compute it
+    arrays = _digits_from_sklearn()
+    try:
+        from ferd import atomic
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_bytes(path, buf.getvalue())
+    except OSError:
+        pass  # a read-only or full cache folder only costs the next process the computation
+    return arrays
+
+
+def _digits_from_sklearn() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -124,8 +179,11 @@ def _digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
     y = torch.tensor(digits.target, dtype=torch.int64)
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=digits.target, random_state=0)
-    idx = torch.as_tensor(idx_train if train else idx_test)
-    return x[idx], y[idx]
+    out = {}
+    for key, idx in (("train", idx_train), ("test", idx_test)):
+        out[f"x_{key}"] = x[torch.as_tensor(idx)].numpy()
+        out[f"y_{key}"] = y[torch.as_tensor(idx)].numpy()
+    return out
 
 
 # ---- torchvision datasets ----

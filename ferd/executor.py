@@ -168,12 +168,11 @@ class NoMainForkServerProcess(_NoMainStart, ForkServerProcess):
     """A process forked from the forkserver, without the parent's `__main__` (see `_NoMainStart`)."""
 
 
-WORKER_PRELOAD = ("ferd.executor", "ferd.engine", "ferd.data", "sklearn.datasets", "sklearn.model_selection",
-                  "torch._dynamo")
+WORKER_PRELOAD = ("ferd.executor", "ferd.engine", "ferd.data", "torch._dynamo")
 """What the forkserver imports once, so that each run worker forked from it starts with them imported: a spawned
-worker spent ~4 s importing torch and ferd, and each run ~2 s importing scikit-learn (the digits and their split)
-and ~2 s importing torch._dynamo (torch.optim's optimisers import it when built). The forkserver runs no torch
-op, so no OpenMP thread pool exists to be inherited by a fork."""
+worker spent ~4 s importing torch and ferd, and ~2 s importing torch._dynamo (torch.optim's optimisers import it
+when built). scikit-learn (~2 s) is not preloaded: the digits splits come from the cache folder after their first
+use (ferd.data). The forkserver runs no torch op, so no OpenMP thread pool exists to be inherited by a fork."""
 
 
 @cache

@@ -15,10 +15,9 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from ferd import atomic
 from ferd.config import Config, ConfigError
@@ -36,6 +35,9 @@ from ferd.events import (
 from ferd.executor import Executor, InlineExecutor
 from ferd.metrics import class_metrics
 from ferd.store import RunStore
+
+if TYPE_CHECKING:  # pandas (~0.4 s to import) only where a table is built, not for every run
+    import pandas as pd
 
 RESULTS = "results.json"
 
@@ -262,6 +264,8 @@ ATTACK_ORDER = ("clean", "fgsm", "pgd20", "cw", "aa", AA_PGD20)
 
 def aggregate(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Long table: method, attack, class ('mean', 'worst', 'nsd' or a class index), mean and std over seeds, n."""
+    import pandas as pd
+
     rows = []
     for r in records:
         for attack, m in eval_rows(r["eval"]):
@@ -308,6 +312,8 @@ def ablation_table(records: Sequence[dict[str, Any]], param: str) -> pd.DataFram
     """Per value of `param`: n and mean/std over seeds of clean mean, PGD-20 mean, PGD-20 worst class, PGD-20 NSD,
     and of the training attack's success rate and target entropy (results.json `training_attack`, means over the
     last 5 epochs; NaN for runs recorded before those fields existed)."""
+    import pandas as pd
+
     rows = []
     for r in records:
         if "pgd20" not in r["eval"] or "clean" not in r["eval"]:

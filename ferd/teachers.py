@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ferd.attacks import pgd
 from ferd.config import Config
-from ferd.data import dataset_info, test_split, train_split
+from ferd.data import cache_dir, dataset_info, test_split, train_split
 from ferd.device import fixed_threads
 from ferd.models import create_model
 from ferd.weights import WeightsError, read_weights
@@ -68,14 +68,6 @@ class TeacherInfo:
         return asdict(self)
 
 
-def cache_dir() -> Path:
-    """$FERD_CACHE_DIR, else the user cache dir of ferd-studio."""
-    env = os.environ.get("FERD_CACHE_DIR", "")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("ferd-studio"))
 
 
 def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:

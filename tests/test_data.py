@@ -50,6 +50,38 @@ def test_digits_deterministic_and_cached() -> None:
     assert torch.equal(train_split("digits")[0], x1)
 
 
+def test_digits_cache_holds_the_computed_bits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The digits splits are written to the cache folder on first use and read back bit for bit; a damaged cache
+    file is computed again and replaced, and a cache folder that cannot be written costs nothing but the time."""
+    monkeypatch.setenv("FERD_CACHE_DIR", str(tmp_path / "cache"))
+    computed = data._digits_from_sklearn()
+    for train in (True, False):
+        x, y = data._digits(train)
+        key = "train" if train else "test"
+        assert np.array_equal(x.numpy(), computed[f"x_{key}"]) and np.array_equal(y.numpy(), computed[f"y_{key}"])
+    path = data._digits_cache_path()
+    assert path.is_file() and path.parent == tmp_path / "cache" / "data"
+    with np.load(path) as f:
+        assert np.array_equal(f["x_test"], computed["x_test"])
+    monkeypatch.setattr(data, "_digits_from_sklearn", lambda: pytest.fail("the cache file was not used"))
+    x, _ = data._digits(False)
+    assert np.array_equal(x.numpy(), computed["x_test"])
+    monkeypatch.undo()
+
+    monkeypatch.setenv("FERD_CACHE_DIR", str(tmp_path / "cache"))
+    path.write_bytes(b"not a zip file")
+    x, _ = data._digits(True)
+    assert np.array_equal(x.numpy(), computed["x_train"])
+    with np.load(path) as f:  # replaced by a good file
+        assert np.array_equal(f["x_train"], computed["x_train"])
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("FERD_CACHE_DIR", str(blocked))  # its data/ folder cannot be made
+    x, _ = data._digits(True)
+    assert np.array_equal(x.numpy(), computed["x_train"])
+
+
 def test_default_root_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FERD_DATA_DIR", str(tmp_path))
     assert default_data_root() == tmp_path

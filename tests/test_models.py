@@ -91,3 +91,51 @@ def test_generator_shape_and_range(size: int, channels: int) -> None:
 def test_generator_rejects_sizes_not_divisible_by_4() -> None:
     with pytest.raises(ValueError, match="multiple of 4"):
         Generator(16, 1, 30)
+
+
+def _relu_then_pool(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The textbook order (ReLU, then max-pool) of the digits and small CNN bodies, written out."""
+    if hasattr(model, "conv1"):  # DigitsCNN
+        z = F.max_pool2d(F.relu(model.bn1(model.conv1(z))), 2)
+        z = F.max_pool2d(F.relu(model.bn2(model.conv2(z))), 2)
+        return model.bn3(model.conv3(z))
+    for i, (conv, bn) in enumerate(zip(model.convs, model.bns, strict=True)):  # SmallCNN
+        z = bn(conv(z))
+        if i < len(model.convs) - 1:
+            z = F.relu(z)
+        if i in (1, 2):
+            z = F.max_pool2d(z, 2)
+    return z
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-cnn-small", "small-cnn"])
+def test_pooling_before_relu_computes_the_same_bits(name: str, train: bool) -> None:
+    """The models pool before their ReLUs (fewer values to rectify); outputs, input gradients and weight gradients
+    must equal the ReLU-then-pool order bit for bit, ties and all-negative windows included."""
+    c, s = SHAPES.get(name, (3, 32))
+    torch.manual_seed(1)
+    model = create_model(name, num_classes=10, in_channels=c, image_size=s)
+    for m in model.modules():  # BN statistics away from (0, 1), so that many windows are all negative
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.normal_()
+    x = torch.rand(16, c, s, s)
+    x[:4] = 0.0  # constant images: equal values in every pooling window
+    y = torch.arange(16) % 10
+    results = []
+    for body in (model.body, lambda z: _relu_then_pool(model, z)):
+        model.train(train)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        h = body(model.normalize(xi).contiguous(memory_format=torch.channels_last))
+        logits = model.head(h)
+        F.cross_entropy(logits, y).backward()
+        results.append([logits.detach(), xi.grad] + [p.grad for p in model.parameters()]
+                       + [b.clone() for b in model.buffers()])
+        model.load_state_dict(state)  # the train-mode pass moved the running statistics
+    assert (results[0][0] != 0).any()
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

@@ -5,7 +5,10 @@ final ReLU; METHOD.md §3's feature layer) and `head(h)` (ReLU -> global average
 with `forward(x) = head(features(x))`. Every classifier computes in the channels_last (NHWC) memory format:
 `create_model` converts its weights and `features` its input, so convolutions and pooling run oneDNN's NHWC
 kernels (on this project's 2-core CPU the digits teacher's forward pass took 5.7 ms against 15.1 ms for
-NCHW at B 64, README "Benchmark"). Parameter names follow the common public implementations
+NCHW at B 64, README "Benchmark"). Where a ReLU meets a max-pool, the pool comes first: max commutes with the
+monotone ReLU, so relu(max_pool(z)) equals max_pool(relu(z)) bit for bit, forward and backward (ties pick the same
+index; a window whose maximum is <= 0 passes no gradient either way), and the ReLU and its backward touch a quarter
+of the values (tests/test_models.py compares both orders). Parameter names follow the common public implementations
 (kuangliu's CIFAR ResNets/MobileNetV2, Rice et al.'s PreActResNet, TRADES' WideResNet), so their
 checkpoints load.
 """
@@ -112,8 +115,8 @@ class DigitsCNN(Classifier):
         return self.fc
 
     def body(self, z: torch.Tensor) -> torch.Tensor:
-        z = F.max_pool2d(F.relu(self.bn1(self.conv1(z))), 2)  # (B, w1, H/2, W/2)
-        z = F.max_pool2d(F.relu(self.bn2(self.conv2(z))), 2)  # (B, w2, H/4, W/4)
+        z = F.relu(F.max_pool2d(self.bn1(self.conv1(z)), 2))  # (B, w1, H/2, W/2); ReLU after the pool: see above
+        z = F.relu(F.max_pool2d(self.bn2(self.conv2(z)), 2))  # (B, w2, H/4, W/4)
         return self.bn3(self.conv3(z))  # (B, w3, H/4, W/4)
 
 
@@ -152,10 +155,10 @@ class SmallCNN(Classifier):
         last = len(self.convs) - 1
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             z = bn(conv(z))
+            if i in (1, 2):
+                z = F.max_pool2d(z, 2)  # before the ReLU: see the module docstring
             if i < last:
                 z = F.relu(z)
-            if i in (1, 2):
-                z = F.max_pool2d(z, 2)
         return z
 
 

@@ -7,12 +7,16 @@ Reports the teacher load time, the latency to the first event, the mean seconds 
 It also sets the run against this machine's limit: the FLOPs of the same run counted by
 torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, forward and backward: the ops that
 carry the arithmetic; elementwise ops, pooling and batch norm are not counted), the GFLOP/s achieved, and
-the GFLOP/s of a large fp32 matmul timed in the same process with the same thread count.
+the GFLOP/s of a large fp32 matmul timed in the same process with the same thread count. A third, profiled
+pass of the same run (torch.profiler) splits the time: how long the counted ops themselves take (their own
+kernel time), so the GFLOP/s of the convolutions and matmuls alone, and the share of the run they fill; the rest
+of the time goes to work the count leaves out (element-wise, pooling, normalisation, Python).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import threading
@@ -100,6 +104,46 @@ def count_flops(cfg: Config) -> float:
     return float(counter.get_total_flops())
 
 
+_CONV = re.compile(r"conv(olution|_transpose|_depthwise|\dd)")
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"})
+
+
+def is_counted_op(name: str) -> bool:
+    """Whether a profiler op name is one FlopCounterMode counts: a convolution (forward or backward) or a matmul."""
+    return bool(_CONV.search(name)) or name in MATMUL_OPS
+
+
+def profile_counted_ops(cfg: Config) -> tuple[float, float]:
+    """(seconds the counted ops took, in their own kernel time; wall seconds) of a whole run of `cfg` under
+    torch.profiler. The profiler records the thread that starts it, so the run computes in a thread of its own
+    that starts the profiler, as a timed run computes in its own thread (ferd.handoff)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict[str, float] = {}
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                for ev in run(cfg, threading.Event(), in_thread=False):
+                    if isinstance(ev, RunFailed):
+                        raise RuntimeError(f"bench run failed: {ev.reason}")
+                out["wall"] = time.perf_counter() - t0
+            out["counted"] = sum(e.self_cpu_time_total for e in prof.key_averages() if is_counted_op(e.key)) / 1e6
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            failure.append(e)
+
+    thread = threading.Thread(target=work, name="ferd-bench-profile")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    if out["counted"] <= 0:
+        raise RuntimeError("the profiler recorded no convolution or matmul in the bench run")
+    return out["counted"], out["wall"]
+
+
 def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False) -> dict[str, float]:
     """Run `epochs` epochs of `cfg` (warm-up 1, evaluation on the last) and print the per-phase table (or,
     with `as_json`, one JSON line)."""
@@ -128,6 +172,8 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False
     set_threads(cfg.num_threads)  # the run set this thread to one; the split and the matmul use the run's count
     split_s, split_ref_s = time_split(cfg)
     flops_per_epoch = count_flops(cfg) / epochs
+    counted_s, profiled_s = profile_counted_ops(cfg) if device.type == "cpu" else (float("nan"), float("nan"))
+    set_threads(cfg.num_threads)
     matmul = matmul_gflops() if device.type == "cpu" else float("nan")
     result = {"device": str(device), "threads": threads, "epochs": epochs, "teacher_load_s": teacher_s,
               "first_event_s": first_event or 0.0, "run_s": total, "epoch_s": total / epochs,
@@ -139,6 +185,11 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     result["matmul_fraction"] = result["achieved_gflops"] / matmul if matmul == matmul else float("nan")
+    # The profiled pass: the counted ops' own speed and the share of the run they fill.
+    result["counted_ops_seconds_per_epoch"] = counted_s / epochs
+    result["counted_ops_share"] = counted_s / profiled_s
+    result["counted_ops_gflops"] = flops_per_epoch * epochs / counted_s / 1e9
+    result["counted_ops_matmul_fraction"] = result["counted_ops_gflops"] / matmul
     if as_json:
         print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}), file=out)
         return result
@@ -158,6 +209,9 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False
     if matmul == matmul:
         print(f"{f'fp32 matmul {MATMUL_N}^2 GFLOP/s, same threads':34s} {matmul:9.1f}  "
               f"(run at {result['matmul_fraction']:.0%} of it)", file=out)
+        print(f"{'counted ops alone GFLOP/s':34s} {result['counted_ops_gflops']:9.1f}  "
+              f"({result['counted_ops_matmul_fraction']:.0%} of the matmul; they fill "
+              f"{result['counted_ops_share']:.0%} of a profiled run)", file=out)
     print(f"{'peak RSS (MiB)':34s} {result['peak_rss_mib']:9.0f}", file=out)
     if "peak_cuda_mib" in result:
         print(f"{'peak CUDA memory (MiB)':34s} {result['peak_cuda_mib']:9.0f}", file=out)

@@ -18,3 +18,20 @@ def test_bench_json_prints_counted_flops_and_the_matmul_reference(capsys):
     assert result["threads"] == 1 and result["epochs"] == 2
     assert result["flops_per_epoch"] > 1e6 and result["seconds_per_epoch"] > 0 and result["matmul_gflops"] > 0
     assert result["achieved_gflops"] == pytest.approx(result["flops_per_epoch"] / result["seconds_per_epoch"] / 1e9)
+    # The profiled pass: the counted ops fill part of the run, so alone they run faster than the whole run.
+    assert 0 < result["counted_ops_share"] < 1
+    assert result["counted_ops_gflops"] > result["achieved_gflops"]
+    assert result["counted_ops_seconds_per_epoch"] < result["seconds_per_epoch"]
+    fraction = result["counted_ops_gflops"] / result["matmul_gflops"]
+    assert result["counted_ops_matmul_fraction"] == pytest.approx(fraction)
+
+
+def test_counted_ops_are_the_convolutions_and_matmuls_flop_counter_mode_counts():
+    from ferd.bench import is_counted_op
+
+    for name in ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward",
+                 "aten::addmm", "aten::mm", "aten::bmm"):
+        assert is_counted_op(name)
+    for name in ("aten::relu", "aten::native_batch_norm", "aten::max_pool2d_with_indices", "aten::mul",
+                 "aten::copy_", "aten::threshold_backward", "aten::_convert_indices_from_coo_to_csr"):
+        assert not is_counted_op(name)

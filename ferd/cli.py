@@ -31,17 +31,23 @@ from tqdm import tqdm
 from ferd import experiments
 from ferd.config import EVAL_ATTACKS, Config, ConfigError, load, load_preset, preset_names
 from ferd.console import Progress, open_store, print_eval, print_record, run_configs
-from ferd.data import DataError
 from ferd.executor import EXECUTORS, ExecutorError
 from ferd.experiments import RunError
 from ferd.labels import run_label
 from ferd.pack import add_command as add_pack_command
 from ferd.store import ACTIVE, RunNotFound, RunOwned, RunStore, StoreError
-from ferd.teachers import TeacherError
-from ferd.weights import WeightsError
 
 EXIT_USAGE = 2
-USER_ERRORS = (ConfigError, DataError, TeacherError, StoreError, WeightsError, RunNotFound, ExecutorError, OSError)
+USER_ERRORS = (ConfigError, StoreError, RunNotFound, ExecutorError, OSError)
+COMPUTE_USER_ERRORS = (("ferd.data", "DataError"), ("ferd.teachers", "TeacherError"), ("ferd.weights", "WeightsError"))
+"""User errors of the modules that import torch (~2 s): this module does not import them, so that a usage error
+or `runs` answers at once; their errors can only have been raised once they were imported (`user_errors`)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS and the COMPUTE_USER_ERRORS of the modules imported by now."""
+    loaded = tuple(getattr(sys.modules[m], name) for m, name in COMPUTE_USER_ERRORS if m in sys.modules)
+    return USER_ERRORS + loaded
 """What exits 2 with one line: bad input, not a bug (OSError: a path the user gave, a full disk)."""
 
 
@@ -371,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if e.bug else EXIT_USAGE
-    except USER_ERRORS as e:
+    except user_errors() as e:  # evaluated when an exception is matched, after the command ran
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # a second signal: the run's lease lapses and readers show it interrupted

@@ -167,3 +167,22 @@ def test_full_disk_fails_the_run_and_keeps_the_last_checkpoint(tiny_cfg, tmp_pat
         assert "no space left on device" in failed[-1].reason
         ckpt = torch.load(store.run_dir(run_id) / "checkpoint.pt", weights_only=True)
         assert ckpt["epoch"] == 1
+
+
+def test_a_usage_error_answers_without_importing_torch(tmp_path: Path) -> None:
+    """The CLI imports torch only for commands that compute: a bad preset or option is reported at once."""
+    code = ("import sys; from ferd import cli; rc = cli.main(['run', '--preset', 'nope']); "
+            "print(rc, 'torch' in sys.modules)")
+    env = dict(os.environ, FERD_HOME=str(tmp_path / "home"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["2", "False"]
+    assert "unknown preset 'nope'" in out.stderr
+
+
+def test_errors_of_the_compute_modules_stay_user_errors_once_imported() -> None:
+    from ferd.cli import user_errors
+    from ferd.data import DataError
+    from ferd.teachers import TeacherError
+    from ferd.weights import WeightsError
+
+    assert {DataError, TeacherError, WeightsError} <= set(user_errors())

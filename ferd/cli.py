@@ -39,6 +39,7 @@ from ferd.store import ACTIVE, RunNotFound, RunOwned, RunStore, StoreError
 
 EXIT_USAGE = 2
 USER_ERRORS = (ConfigError, StoreError, RunNotFound, ExecutorError, OSError)
+"""What exits 2 with one line: bad input, not a bug (OSError: a path the user gave, a full disk)."""
 COMPUTE_USER_ERRORS = (("ferd.data", "DataError"), ("ferd.teachers", "TeacherError"), ("ferd.weights", "WeightsError"))
 """User errors of the modules that import torch (~2 s): this module does not import them, so that a usage error
 or `runs` answers at once; their errors can only have been raised once they were imported (`user_errors`)."""
@@ -48,7 +49,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """USER_ERRORS and the COMPUTE_USER_ERRORS of the modules imported by now."""
     loaded = tuple(getattr(sys.modules[m], name) for m, name in COMPUTE_USER_ERRORS if m in sys.modules)
     return USER_ERRORS + loaded
-"""What exits 2 with one line: bad input, not a bug (OSError: a path the user gave, a full disk)."""
 
 
 class Signals:

@@ -21,6 +21,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -29,8 +30,9 @@ from ferd.config import Config
 from ferd.data import dataset_info
 from ferd.device import fixed_threads, resolve_device, set_threads
 from ferd.engine import run
-from ferd.events import EpochFinished, RunFailed
+from ferd.events import EpochFinished, Event, RunFailed
 from ferd.feature_split import split_features, split_teacher_features
+from ferd.handoff import StopFlag, computed
 from ferd.teachers import load_teacher
 
 
@@ -91,6 +93,14 @@ class _GlobalOnly:
         return None
 
 
+def checked(events: Iterable[Event]) -> Iterator[Event]:
+    """The run's events; a RunFailed raises (a bench figure of a failed run would mean nothing)."""
+    for ev in events:
+        if isinstance(ev, RunFailed):
+            raise RuntimeError(f"bench run failed: {ev.reason}")
+        yield ev
+
+
 def count_flops(cfg: Config) -> float:
     """FLOPs of a whole run of `cfg`, counted by FlopCounterMode (not estimated)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -98,9 +108,8 @@ def count_flops(cfg: Config) -> float:
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()
     with counter:
-        for ev in run(cfg, threading.Event(), in_thread=False):  # FlopCounterMode counts this thread only
-            if isinstance(ev, RunFailed):
-                raise RuntimeError(f"bench run failed: {ev.reason}")
+        for _ev in checked(run(cfg, threading.Event(), in_thread=False)):  # FlopCounterMode: this thread only
+            pass
     return float(counter.get_total_flops())
 
 
@@ -115,30 +124,21 @@ def is_counted_op(name: str) -> bool:
 
 def profile_counted_ops(cfg: Config) -> tuple[float, float]:
     """(seconds the counted ops took, in their own kernel time; wall seconds) of a whole run of `cfg` under
-    torch.profiler. The profiler records the thread that starts it, so the run computes in a thread of its own
-    that starts the profiler, as a timed run computes in its own thread (ferd.handoff)."""
+    torch.profiler. The profiler records the thread that starts it, so it starts in the run's compute thread
+    (ferd.handoff), where a timed run computes too."""
     from torch.profiler import ProfilerActivity, profile
 
     out: dict[str, float] = {}
-    failure: list[BaseException] = []
 
-    def work() -> None:
-        try:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                t0 = time.perf_counter()
-                for ev in run(cfg, threading.Event(), in_thread=False):
-                    if isinstance(ev, RunFailed):
-                        raise RuntimeError(f"bench run failed: {ev.reason}")
-                out["wall"] = time.perf_counter() - t0
-            out["counted"] = sum(e.self_cpu_time_total for e in prof.key_averages() if is_counted_op(e.key)) / 1e6
-        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
-            failure.append(e)
+    def profiled(halt: StopFlag) -> Iterator[Event]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            yield from run(cfg, halt, in_thread=False)
+            out["wall"] = time.perf_counter() - t0
+        out["counted"] = sum(e.self_cpu_time_total for e in prof.key_averages() if is_counted_op(e.key)) / 1e6
 
-    thread = threading.Thread(target=work, name="ferd-bench-profile")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+    for _ev in checked(computed(profiled, threading.Event(), name="ferd-bench-profile")):
+        pass
     if out["counted"] <= 0:
         raise RuntimeError("the profiler recorded no convolution or matmul in the bench run")
     return out["counted"], out["wall"]
@@ -160,11 +160,9 @@ def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False
     phases: dict[str, list[float]] = {}
     first_event = None
     t0 = time.perf_counter()
-    for ev in run(cfg, threading.Event()):
+    for ev in checked(run(cfg, threading.Event())):
         if first_event is None:
             first_event = time.perf_counter() - t0
-        if isinstance(ev, RunFailed):
-            raise RuntimeError(f"bench run failed: {ev.reason}")
         if isinstance(ev, EpochFinished):
             for k, v in ev.phase_s.items():
                 phases.setdefault(k, []).append(v)

@@ -18,6 +18,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
@@ -62,30 +63,34 @@ class WorkerGone(Exception):
 
 # ---- worker side ----
 def worker_messages(cfg: Config, stop: Any, *, resume: bool, checkpoint: bytes | None, threads: int | None,
-                    evaluation_cores: Callable[[], int] | None = None) -> Iterator[Event | FileBlob]:
-    """Run the engine in a temporary folder; yield its events, each file it wrote just before the event
-    that announces it. `evaluation_cores()`, where given, is how many threads the run's evaluations may use now
-    (`ferd.device.set_evaluation_threads`)."""
+                    evaluation_cores: Callable[[], int] | None = None,
+                    folder: Path | None = None) -> Iterator[Event | FileBlob]:
+    """Run the engine in `folder` (a temporary folder of its own when None); yield its events, each file it wrote
+    just before the event that announces it. `evaluation_cores()`, where given, is how many threads the run's
+    evaluations may use now (`ferd.device.set_evaluation_threads`)."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="ferd-worker-") as tmp:
+            yield from worker_messages(cfg, stop, resume=resume, checkpoint=checkpoint, threads=threads,
+                                       evaluation_cores=evaluation_cores, folder=Path(tmp))
+        return
     from ferd import engine
     from ferd.device import set_auto_threads, set_evaluation_threads
 
     if threads:
         set_auto_threads(threads)
     set_evaluation_threads(evaluation_cores)
-    with tempfile.TemporaryDirectory(prefix="ferd-worker-") as tmp:
-        folder = Path(tmp)
-        if checkpoint is not None:
-            (folder / CHECKPOINT).write_bytes(checkpoint)
-        for ev in engine.run(cfg, stop, run_dir=folder, resume=resume):
-            if isinstance(ev, CheckpointSaved):
-                yield FileBlob(CHECKPOINT, (folder / CHECKPOINT).read_bytes())
-            elif isinstance(ev, RunFinished) and ev.student_path:
-                yield FileBlob(STUDENT, (folder / STUDENT).read_bytes())
-            yield ev
+    if checkpoint is not None:
+        (folder / CHECKPOINT).write_bytes(checkpoint)
+    for ev in engine.run(cfg, stop, run_dir=folder, resume=resume):
+        if isinstance(ev, CheckpointSaved):
+            yield FileBlob(CHECKPOINT, (folder / CHECKPOINT).read_bytes())
+        elif isinstance(ev, RunFinished) and ev.student_path:
+            yield FileBlob(STUDENT, (folder / STUDENT).read_bytes())
+        yield ev
 
 
 def _process_main(cfg: Config, resume: bool, checkpoint: bytes | None, threads: int | None,
-                  out: Any, stop: Any, evaluation_cores: Any, environ: dict[str, str], cwd: str) -> None:
+                  out: Any, stop: Any, evaluation_cores: Any, environ: dict[str, str], cwd: str, folder: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the driver, which forwards a stop
     # A fork of the forkserver has the forkserver's environment and folder; a run sees the driver's, as spawned
     # workers did (FERD_CACHE_DIR, FERD_DATA_DIR, relative data roots).
@@ -93,7 +98,7 @@ def _process_main(cfg: Config, resume: bool, checkpoint: bytes | None, threads: 
     os.environ.update(environ)
     os.chdir(cwd)
     for msg in worker_messages(cfg, stop, resume=resume, checkpoint=checkpoint, threads=threads,
-                               evaluation_cores=lambda: evaluation_cores.value):
+                               evaluation_cores=lambda: evaluation_cores.value, folder=Path(folder)):
         out.put(msg)
 
 
@@ -194,9 +199,12 @@ class _ProcessHandle:
         self._stop = ctx.Event()
         self.evaluation_cores = ctx.RawValue("i", threads)  # the driver raises it while other cores are idle
         self._on_close = on_close
+        # The run's working folder belongs to the driver, which removes it in close(): a worker that is killed
+        # or dies leaves nothing behind.
+        self._folder = tempfile.mkdtemp(prefix="ferd-worker-")
         self._proc = process(target=_process_main, name="ferd-worker",
                              args=(cfg, resume, checkpoint, threads, self._queue, self._stop, self.evaluation_cores,
-                                   dict(os.environ), os.getcwd()))
+                                   dict(os.environ), os.getcwd(), self._folder))
         self._proc.start()
 
     def poll(self, timeout: float) -> list[Event | FileBlob]:
@@ -225,6 +233,7 @@ class _ProcessHandle:
             self._proc.kill()
             self._proc.join()
         self._queue.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
         self._on_close(self)
 
 

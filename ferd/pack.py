@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def open_pack(root: Path, workdir: Path | None = None) -> Pack:
-    """The pack at `root`, its runs.db copied into `workdir` (a new temporary folder by default) so that
-    opening it never writes into the pack."""
+    """The pack at `root`, its runs.db copied into `workdir` (by default a new temporary folder, removed when the
+    Pack is garbage-collected or the interpreter exits) so that opening it never writes into the pack."""
     manifest = read_manifest(root)
     db = root / DB_NAME
     if not db.is_file():
@@ -224,8 +225,11 @@ def open_pack(root: Path, workdir: Path | None = None) -> Pack:
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ferd-pack-view-"))
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(db, work / DB_NAME)
-    return Pack(root=root, manifest=manifest, store=RunStore(work),
+    pack = Pack(root=root, manifest=manifest, store=RunStore(work),
                 stale=manifest.get("engine_version") != engine_version())
+    if workdir is None:
+        weakref.finalize(pack, shutil.rmtree, work, ignore_errors=True)
+    return pack
 
 
 def cmd_pack(args: argparse.Namespace) -> int:

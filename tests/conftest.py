@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -6,14 +8,24 @@ import torch
 
 from ferd.config import Config, load_preset
 
+
+def _session_folder(variable: str, prefix: str, leaf: str = "") -> None:
+    """Point `variable` at a new temporary folder (plus `leaf`) unless it is set; the folder is removed when the
+    test session's interpreter exits."""
+    if variable not in os.environ:
+        folder = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        os.environ[variable] = os.path.join(folder, leaf) if leaf else folder
+
+
 # One private cache for the whole test session (teachers trained by tests are shared across tests,
 # never written to the user's cache).
-os.environ.setdefault("FERD_CACHE_DIR", tempfile.mkdtemp(prefix="ferd-test-cache-"))
+_session_folder("FERD_CACHE_DIR", "ferd-test-cache-")
 # Runs made by tests never land in the user's run store.
-os.environ.setdefault("FERD_HOME", tempfile.mkdtemp(prefix="ferd-test-home-"))
+_session_folder("FERD_HOME", "ferd-test-home-")
 # Pages see no reference pack unless a test points FERD_PACK_DIR at one (assets/reference would change what an
 # empty store shows).
-os.environ.setdefault("FERD_PACK_DIR", os.path.join(tempfile.mkdtemp(prefix="ferd-test-pack-"), "none"))
+_session_folder("FERD_PACK_DIR", "ferd-test-pack-", "none")
 torch.set_num_threads(1)
 
 

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -229,7 +230,9 @@ def test_same_counts_inline_local_pool_and_ray(tmp_path, tiny_cfg, ray_local):
 
 
 @pytest.mark.slow
-def test_local_pool_stops_fast_resumes_and_survives_a_killed_worker(tmp_path, tiny_cfg):
+def test_local_pool_stops_fast_resumes_and_survives_a_killed_worker(tmp_path, tiny_cfg, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the workers' run folders go
+    (tmp_path / "tmp").mkdir()
     cfg = tiny_cfg.replace(epochs=3)
     store = RunStore(tmp_path)
     whole = run_many([cfg], store, executor=InlineExecutor())[0]
@@ -260,6 +263,7 @@ def test_local_pool_stops_fast_resumes_and_survives_a_killed_worker(tmp_path, ti
     LocalExecutor(1, 1).execute(cfg, store, run_id=killed["run_id"], resume=True)
     assert store.get_run(killed["run_id"]).status == "finished"
     assert _counts(store, killed["run_id"]) == _counts(store, whole["run_id"])
+    assert list((tmp_path / "tmp").glob("ferd-worker-*")) == []  # the killed worker's folder too
 
 
 @pytest.mark.parametrize("kind", ["spawn", "forkserver"])

@@ -3,8 +3,10 @@ pages on an empty store, reproducible), and the bundled pack when there is one."
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,18 @@ def test_the_bundled_pack_loads_and_answers_the_pages(tmp_path, monkeypatch):
     assert sum(f.stat().st_size for f in BUNDLED.iterdir() if f.is_file()) <= MAX_BYTES
     assert {r["run_id"] for r in opened.manifest["runs"]} == {r.run_id for r in opened.store.list_runs()}
     _pages_answer_from(BUNDLED, tmp_path / "home", monkeypatch)
+
+
+def test_a_pack_opened_without_a_workdir_removes_its_copy_when_dropped(tmp_path, monkeypatch):
+    root = tmp_path / "pack"
+    RunStore(root).close()
+    (root / pack.MANIFEST).write_text("{}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    opened = pack.open_pack(root)
+    (view,) = (tmp_path / "tmp").glob("ferd-pack-view-*")
+    assert (view / "runs.db").is_file() and opened.store.list_runs() == []
+    opened.store.close()
+    del opened
+    gc.collect()
+    assert not view.exists()

@@ -79,13 +79,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps
             x_adv = x + torch.empty_like(x).uniform_(-eps, eps)
         else:
             x_adv = x.clone()
-        x_adv = _project(x_adv, x, eps)
+        lo, hi = (x - eps).clamp_min(0.0), (x + eps).clamp_max(1.0)  # _project's bounds, once: clamp(., lo, hi)
+        x_adv = torch.clamp(x_adv, lo, hi)  # equals _project(x_adv, x, eps) bit for bit (min and max are exact)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
                 value = objective(model(x_adv), y)
                 (grad,) = torch.autograd.grad(value, x_adv)
-            x_adv = _project(x_adv.detach() + sign * step_size * grad.sign(), x, eps)
+            x_adv = torch.clamp(x_adv.detach() + sign * step_size * grad.sign(), lo, hi)
     return x_adv.detach()
 
 

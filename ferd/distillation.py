@@ -15,6 +15,7 @@ Student loss: `rslad` = w_nat KL(p(t) || p(S(x))) + w_rob KL(p(t) || p(S(x_adv))
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from ferd.config import Config
 from ferd.events import TrainingAttackStrength
 from ferd.feature_split import uniformity_loss
 from ferd.metrics import target_counts, target_entropy
+from ferd.models import folded_batchnorm
 from ferd.synthesis import eval_mode, kl_div
 
 START_NOISE = 0.001  # sigma of the Gaussian start of the training attacks (reference code)
@@ -37,6 +39,27 @@ def sampled_targets(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return (y + torch.randint(1, num_classes, y.shape, device=y.device)) % num_classes
 
 
+class WrongClassMarginal:
+    """`wrong_class_marginal_loss` for fixed labels y: what depends only on y is computed once (a training attack
+    evaluates the loss at each of its steps on the same labels)."""
+
+    def __init__(self, y: torch.Tensor, num_classes: int) -> None:
+        c = num_classes
+        onehot = F.one_hot(y, c).float()
+        counts = onehot.sum(dim=0)
+        present = counts > 0
+        self.own = onehot.bool()  # (B, C): each sample's own class, dropped from its prediction
+        self.average = (onehot / counts.clamp_min(1.0)).t()[present]  # (classes present, B): mean over the class
+        self.wrong = (~torch.eye(c, dtype=torch.bool, device=y.device))[present].float() / (c - 1)
+        self.offset = math.log(c - 1)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(logits.masked_fill(self.own, float("-inf")), dim=1)  # prediction restricted to the classes != y
+        m = self.average.to(p.dtype) @ p  # (classes present, C), rows sum to 1
+        log_m = torch.log(m.clamp_min(1e-12))
+        return (-(log_m * self.wrong.to(p.dtype)).sum(dim=1) - self.offset).mean()
+
+
 def wrong_class_marginal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean over the true classes c in the batch of KL(U || m_c), U uniform over the classes != c and m_c the batch
     mean, over the samples of class c, of their predictions restricted to the classes != c (renormalised).
@@ -44,38 +67,37 @@ def wrong_class_marginal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Te
     0 iff each true class's adversarial mass is spread evenly over the other classes *on average*: one sample may
     go wholly to one class as long as its classmates go to the others (unlike `uniformity_loss`, which asks every
     prediction to be uniform)."""
-    c = logits.shape[1]
-    p = F.softmax(logits, dim=1).scatter(1, y[:, None], 0.0)
-    p = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    onehot = F.one_hot(y, c).to(p.dtype)
-    counts = onehot.sum(dim=0)
-    present = counts > 0
-    m = (onehot.t() @ p)[present] / counts[present, None]  # (classes present, C), rows sum to 1
-    wrong = ~torch.eye(c, dtype=torch.bool, device=logits.device)[present]
-    log_m = torch.log(m.clamp_min(1e-12))
-    return (-(log_m * wrong).sum(dim=1) / (c - 1) - math.log(c - 1)).mean()
+    return WrongClassMarginal(y, logits.shape[1])(logits)
+
+
+def kl_from(t_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits -> kl_div(t_logits, logits), with the teacher's log-probabilities computed once."""
+    t_log = F.log_softmax(t_logits, dim=1)
+    return lambda logits: F.kl_div(F.log_softmax(logits, dim=1), t_log, reduction="batchmean", log_target=True)
 
 
 def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
                     num_classes: int) -> torch.Tensor:
     """The adversarial examples the student trains on (mode chosen by cfg.utae_mode), student in eval mode."""
     common = dict(eps=cfg.eps, steps=cfg.train_attack_steps, step_size=cfg.step_size, init_noise=START_NOISE)
-    with eval_mode(student):
+    with eval_mode(student), folded_batchnorm(student):
         if cfg.utae_mode == "sampled-target":
             target = sampled_targets(y, num_classes)
             return pgd(student, x, target, loss="ce", targeted=True, **common)
+        kl = kl_from(t_logits)
         if cfg.utae_mode == "marginal-kl":
             lam_m = cfg.utae_marginal_weight
+            marginal = WrongClassMarginal(y, num_classes)
 
-            def spread(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-                return kl_div(t_logits, logits) - lam_m * wrong_class_marginal_loss(logits, labels)
+            def spread(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+                return kl(logits) - lam_m * marginal(logits)
 
             return pgd(student, x, y, loss=spread, **common)
         if cfg.utae_mode == "uniform-kl":
             lam = cfg.utae_weight
 
             def objective(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-                return kl_div(t_logits, logits) - lam * uniformity_loss(logits)
+                return kl(logits) - lam * uniformity_loss(logits)
 
             return pgd(student, x, y, loss=objective, **common)
 
@@ -86,10 +108,12 @@ def untargeted_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch
                       t_logits: torch.Tensor) -> torch.Tensor:
     """Plain KL-PGD (DFRD's training attack, and the reference every training attack's strength is measured by)."""
 
-    def untargeted(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
-        return kl_div(t_logits, logits)
+    kl = kl_from(t_logits)
 
-    with eval_mode(student):
+    def untargeted(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
+        return kl(logits)
+
+    with eval_mode(student), folded_batchnorm(student):
         return pgd(student, x, y, loss=untargeted, eps=cfg.eps, steps=cfg.train_attack_steps,
                    step_size=cfg.step_size, init_noise=START_NOISE)
 
@@ -97,7 +121,7 @@ def untargeted_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch
 def adversarial_predictions(student: nn.Module, x_adv: torch.Tensor) -> torch.Tensor:
     """The student's predicted class on the adversarial examples, in eval mode (running BN statistics, as the
     attack saw it): what the attack-target histogram and the success rate count. The student's mode is restored."""
-    with eval_mode(student), torch.no_grad():
+    with eval_mode(student), folded_batchnorm(student), torch.no_grad():
         return student(x_adv).argmax(dim=1)
 
 

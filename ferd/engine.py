@@ -50,7 +50,7 @@ from ferd.events import (
 from ferd.feature_split import split_teacher_features
 from ferd.handoff import StopFlag, computed
 from ferd.models import Generator as ImageGenerator
-from ferd.models import create_model
+from ferd.models import create_model, folded_batchnorm
 from ferd.reweighting import class_scores, class_weights, teacher_margins
 from ferd.stages import evaluation_stage, teacher_stage
 from ferd.synthesis import NonFiniteLoss, Synthesizer
@@ -300,7 +300,8 @@ def _warn(state: _State, epoch: int, problems: dict[str, str]) -> Iterator[RunWa
 def _reweight(cfg: Config, teacher: nn.Module, kept: tuple, state: _State, epoch: int) -> ClassWeightsUpdated:
     """Phase B: robustness scores from teacher margins under PGD; new proportions when reweighting is on."""
     x, y = kept
-    margins = teacher_margins(teacher, x, y, eps=cfg.eps, steps=cfg.reweight_steps, step_size=cfg.step_size)
+    with folded_batchnorm(teacher):  # the frozen teacher (its BN folded in: ferd.models.folded_batchnorm)
+        margins = teacher_margins(teacher, x, y, eps=cfg.eps, steps=cfg.reweight_steps, step_size=cfg.step_size)
     state.scores = class_scores(margins.cpu().numpy(), y.cpu().numpy(), state.scores)
     if cfg.reweight:
         state.weights = class_weights(state.scores, c_min=cfg.c_min, c_max=cfg.c_max)
@@ -321,7 +322,7 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         x, y = state.memory_x[idx], state.memory_y[idx]
         if cfg.augment:
             x = augment(x, flip=flip)
-        with torch.no_grad():
+        with torch.no_grad(), folded_batchnorm(teacher):
             t_logits = teacher(x)
         x_adv = training_attack(cfg, student, x, y, t_logits, c)
         tally.observe(student, x, y, t_logits, x_adv, step)

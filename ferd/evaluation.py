@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ferd.attacks import AA_STAGES, ATTACKS, attack_mode, autoattack, get_attack, isolated_rng
 from ferd.metrics import ClassMetrics, class_metrics, class_totals, correct_counts, target_counts
+from ferd.models import folded_batchnorm
 
 CLEAN = "clean"
 Progress = Callable[[str, int, int], None]
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_classes:
             progress(label, done[0], units)
         done[0] += 1
 
-    with attack_mode(model), isolated_rng(seed), _interruptible(model, should_stop):
+    with attack_mode(model), folded_batchnorm(model), isolated_rng(seed), _interruptible(model, should_stop):
         for start in range(0, len(x), batch_size):
             xb = x[start:start + batch_size].to(device)
             yb = y[start:start + batch_size].to(device)

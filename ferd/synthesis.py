@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ferd.augment import augment
 from ferd.config import Config
 from ferd.feature_split import split_teacher_features, uniformity_loss
+from ferd.models import folded_batchnorm
 
 
 class NonFiniteLoss(RuntimeError):
@@ -156,7 +157,7 @@ class Synthesizer:
         z_opt = torch.optim.Adam([z], lr=cfg.lr_latent, betas=(0.5, 0.999))
         self.generator.train()
         best: SynthesisResult | None = None
-        with eval_mode(student), no_param_grads(student):
+        with eval_mode(student), no_param_grads(student), folded_batchnorm(student):
             for step in range(1, cfg.generator_steps + 1):
                 if should_stop():
                     break

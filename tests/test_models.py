@@ -139,3 +139,46 @@ def test_pooling_before_relu_computes_the_same_bits(name: str, train: bool) -> N
     assert (results[0][0] != 0).any()
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-cnn-small", "small-cnn"])
+def test_folded_batchnorm_computes_the_eval_function_and_restores_the_model(name: str) -> None:
+    from ferd.models import folded_batchnorm
+
+    torch.manual_seed(0)
+    size = 16 if name.startswith("digits") else 32
+    channels = 1 if name.startswith("digits") else 3
+    model = create_model(name, num_classes=10, in_channels=channels, image_size=size)
+    x = torch.rand(8, channels, size, size)
+    model.train()
+    for _ in range(3):  # running statistics away from 0 / 1, so that folding them matters
+        model(torch.rand(16, channels, size, size) * 3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-1.0, 1.0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xa = x.clone().requires_grad_(True)
+    plain = model(xa)
+    (g_plain,) = torch.autograd.grad(plain.logsumexp(1).sum(), xa)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
+             if isinstance(m, torch.nn.BatchNorm2d)]
+    with folded_batchnorm(model):
+        with folded_batchnorm(model):  # nested: unchanged
+            folded = model(xa)
+        (g_folded,) = torch.autograd.grad(folded.logsumexp(1).sum(), xa)
+    assert calls == []  # no BN layer ran: each was folded into its convolution
+    torch.testing.assert_close(folded, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_folded, g_plain, rtol=1e-3, atol=1e-6)
+    assert model._folded is None
+    model(x)
+    assert len(calls) == 3 if name.startswith("digits") else len(calls) == 4  # BN runs again after the block
+    model.train()
+    with folded_batchnorm(model):  # train mode: batch statistics, nothing folds
+        model(x)
+    assert model._folded is None
+    for h in hooks:
+        h.remove()

@@ -7,9 +7,10 @@ from ferd.models.classifiers import (
     Normalize,
     create_model,
     default_normalize,
+    folded_batchnorm,
     register_model,
 )
 from ferd.models.generator import Generator
 
 __all__ = ["MODELS", "Classifier", "Generator", "ModelFactory", "Normalize", "create_model", "default_normalize",
-           "register_model"]
+           "folded_batchnorm", "register_model"]

@@ -108,10 +108,10 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tens
 def folded_batchnorm(model: nn.Module) -> Iterator[None]:
     """For the block, a Classifier in eval mode computes each of its `conv_bn_pairs` as one convolution with the BN
     folded in (`_fold`): the same function up to float rounding, without the BN's forward and backward passes
-    (the digits student's input-gradient pass at B 55 took about a third less time, README "Benchmark"). The
-    weights are read once, at entry: the parameters and BN statistics must not change inside the block (attacks,
-    and passes of a frozen model). Gradients flow to the input, not to the parameters. Any other model, a model in
-    train mode, or a block nested in another: unchanged."""
+    (the digits student's input-gradient pass at B 55 and two threads took 18-38 % less time, README
+    "Benchmark"). The weights are read once, at entry: the parameters and BN statistics must not change inside the
+    block (attacks, and passes of a frozen model). Gradients flow to the input, not to the parameters. Any other
+    model, a model in train mode, or a block nested in another: unchanged."""
     if not isinstance(model, Classifier) or model.training or model._folded is not None:
         yield
         return

@@ -146,8 +146,7 @@ def test_folded_batchnorm_computes_the_eval_function_and_restores_the_model(name
     from ferd.models import folded_batchnorm
 
     torch.manual_seed(0)
-    size = 16 if name.startswith("digits") else 32
-    channels = 1 if name.startswith("digits") else 3
+    channels, size = SHAPES.get(name, (3, 32))
     model = create_model(name, num_classes=10, in_channels=channels, image_size=size)
     x = torch.rand(8, channels, size, size)
     model.train()
@@ -175,7 +174,7 @@ def test_folded_batchnorm_computes_the_eval_function_and_restores_the_model(name
     torch.testing.assert_close(g_folded, g_plain, rtol=1e-3, atol=1e-6)
     assert model._folded is None
     model(x)
-    assert len(calls) == 3 if name.startswith("digits") else len(calls) == 4  # BN runs again after the block
+    assert len(calls) == len(model.conv_bn_pairs())  # every BN runs again after the block
     model.train()
     with folded_batchnorm(model):  # train mode: batch statistics, nothing folds
         model(x)

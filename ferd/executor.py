@@ -173,11 +173,13 @@ class NoMainForkServerProcess(_NoMainStart, ForkServerProcess):
     """A process forked from the forkserver, without the parent's `__main__` (see `_NoMainStart`)."""
 
 
-WORKER_PRELOAD = ("ferd.executor", "ferd.engine", "ferd.data", "torch._dynamo")
+WORKER_PRELOAD = ("ferd.executor", "ferd.engine", "ferd.data", "ferd.split_kernel", "torch._dynamo")
 """What the forkserver imports once, so that each run worker forked from it starts with them imported: a spawned
 worker spent ~4 s importing torch and ferd, and ~2 s importing torch._dynamo (torch.optim's optimisers import it
 when built). scikit-learn (~2 s) is not preloaded: the digits splits come from the cache folder after their first
-use (ferd.data). The forkserver runs no torch op, so no OpenMP thread pool exists to be inherited by a fork."""
+use (ferd.data). The feature split's numba loop (ferd.split_kernel) is imported, not compiled: each worker loads it
+from numba's disk cache at its first split. The forkserver runs no torch op, so no OpenMP thread pool exists to be
+inherited by a fork."""
 
 
 @cache

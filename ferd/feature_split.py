@@ -90,7 +90,7 @@ def split_features(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor
 
 def split_features_pooled_linear(linear: torch.nn.Linear, h: torch.Tensor, y: torch.Tensor, *, steps: int = 50,
                                  lr: float = 0.1, beta: float = 0.3, rule: str = "per-channel",
-                                 eps: float = 1e-8) -> FeatureSplit:
+                                 eps: float = 1e-8, compiled: bool | None = None) -> FeatureSplit:
     """`split_features` for heads of the form linear(avgpool(relu(h))) (every model in ferd.models), with the
     gradient in closed form and Adam written out: no autograd graph per inner step.
 
@@ -103,6 +103,9 @@ def split_features_pooled_linear(linear: torch.nn.Linear, h: torch.Tensor, y: to
         d/dlambda = (dCE/dsigma + beta dKL/dsigma) * sigmoid(lambda)
     The loop works on h as (B, H*W, K) (a view of channels_last features), the count as a float sum of
     sign(relu(z)): four passes over the features a step.
+
+    `compiled` (default: float32 features on the CPU) runs the steps as one numba loop (ferd.split_kernel): the same
+    computation without torch's per-operation dispatch, equal to the torch steps up to float rounding.
     """
     h = h.detach()
     b, k, hh, ww = h.shape
@@ -110,8 +113,19 @@ def split_features_pooled_linear(linear: torch.nn.Linear, h: torch.Tensor, y: to
     variance = spatial_variance(h)  # (B, K, 1, 1)
     hv = h.permute(0, 2, 3, 1).reshape(b, hh * ww, k)  # (B, HW, K); no copy when h is channels_last
     var = variance.view(b, 1, k)
-    onehot = F.one_hot(y, weight.shape[0]).to(h.dtype)
     noises = torch.randn(steps, b, k, 1, 1, device=h.device, dtype=h.dtype).view(steps, b, 1, k)
+    if compiled is None:
+        compiled = h.device.type == "cpu" and h.dtype == torch.float32
+    if compiled:
+        if h.device.type != "cpu" or h.dtype != torch.float32:
+            raise ValueError(f"the compiled split takes float32 CPU features, got {h.dtype} on {h.device}")
+        from ferd.split_kernel import adam_steps
+
+        arrays = (hv, var.reshape(b, k), noises.view(steps, b, k), weight, bias, y)
+        lam = adam_steps(*(a.contiguous().numpy() for a in arrays), lr, beta, eps)
+        sigma2 = (F.softplus(torch.from_numpy(lam)) ** 2).view(b, k, 1, 1)
+        return FeatureSplit(mask=robust_mask(sigma2, variance, rule), sigma2=sigma2, variance=variance)
+    onehot = F.one_hot(y, weight.shape[0]).to(h.dtype)
     lam = torch.zeros(b, 1, k, device=h.device, dtype=h.dtype)
     m = torch.zeros_like(lam)
     v2 = torch.zeros_like(lam)

@@ -151,9 +151,15 @@ def test_bn_stat_loss_is_zero_on_matching_statistics():
     loss.close()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("rule", ["per-channel", "batch-max"])
 @pytest.mark.parametrize("arch", ["digits-cnn", "resnet18"])
-def test_closed_form_split_equals_the_autograd_reference(arch, rule):
+def test_closed_form_split_equals_the_autograd_reference(arch, rule, compiled):
+    """The closed-form split, as torch steps (compiled=False) or as the numba loop (the CPU default), against the
+    autograd reference on the same noise draws. The torch steps compute the same operations in the same order. The
+    numba loop rounds differently (another libm, another summation order); where a position's z = h + sigma n sits
+    at 0 a rounding flips its count of positive positions, and Adam carries that on, so a few (sample, channel)
+    pairs of the 16 x K may differ by up to ~0.5 % (measured: at most 9 of 8192 pairs above 1e-4 at B 64)."""
     from ferd.feature_split import ib_objective, split_features_pooled_linear, split_teacher_features
     from ferd.models import create_model
 
@@ -169,11 +175,16 @@ def test_closed_form_split_equals_the_autograd_reference(arch, rule):
     torch.manual_seed(1)
     ref = split_features(model.head, h, y, steps=50, rule=rule)
     torch.manual_seed(1)
-    fast = split_features_pooled_linear(model.classifier, h, y, steps=50, rule=rule)
+    fast = split_features_pooled_linear(model.classifier, h, y, steps=50, rule=rule, compiled=compiled)
     torch.manual_seed(1)
     dispatched = split_teacher_features(model, h, y, steps=50, rule=rule)
     assert torch.equal(ref.mask, fast.mask) and torch.equal(fast.mask, dispatched.mask)
-    torch.testing.assert_close(fast.sigma2, ref.sigma2, rtol=1e-4, atol=1e-7)
+    if compiled:
+        rel = ((fast.sigma2 - ref.sigma2).abs() / ref.sigma2).flatten()
+        assert float(rel.max()) < 1e-2 and float((rel > 1e-4).float().mean()) < 0.005
+        torch.testing.assert_close(dispatched.sigma2, fast.sigma2, rtol=0, atol=0)  # the CPU default is the loop
+    else:
+        torch.testing.assert_close(fast.sigma2, ref.sigma2, rtol=1e-4, atol=1e-7)
     # The objective at the learned scales is the same (same noise draw for both).
     noise = torch.randn_like(ref.sigma2)
     lam_ref = torch.log(torch.expm1(ref.sigma2.sqrt()))
@@ -181,3 +192,28 @@ def test_closed_form_split_equals_the_autograd_reference(arch, rule):
     obj_ref = ib_objective(model.head, h, y, lam_ref, ref.variance, noise, 0.3)
     obj_fast = ib_objective(model.head, h, y, lam_fast, fast.variance, noise, 0.3)
     assert obj_fast.item() == pytest.approx(obj_ref.item(), rel=1e-5)
+
+
+def test_compiled_split_takes_its_settings():
+    """lr, beta, eps and the step count reach the numba loop: it follows the torch steps for other values too, and
+    its result changes when they change."""
+    from ferd.feature_split import split_features_pooled_linear
+    from ferd.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("digits-cnn", num_classes=10, in_channels=1, image_size=16).eval()
+    with torch.no_grad():
+        h = model.features(torch.rand(8, 1, 16, 16))
+    y = torch.randint(0, 10, (8,))
+    results = []
+    for kw in (dict(steps=7, lr=0.05, beta=1.0, eps=1e-6), dict(steps=7, lr=0.05, beta=0.3, eps=1e-6),
+               dict(steps=12, lr=0.2, beta=1.0, eps=1e-8)):
+        torch.manual_seed(3)
+        torch_steps = split_features_pooled_linear(model.classifier, h, y, compiled=False, **kw)
+        torch.manual_seed(3)
+        loop = split_features_pooled_linear(model.classifier, h, y, compiled=True, **kw)
+        torch.testing.assert_close(loop.sigma2, torch_steps.sigma2, rtol=1e-3, atol=1e-6)
+        results.append(loop.sigma2)
+    assert not torch.allclose(results[0], results[1]) and not torch.allclose(results[0], results[2])
+    with pytest.raises(ValueError, match="float32 CPU features"):
+        split_features_pooled_linear(model.classifier, h.double(), y, compiled=True)

@@ -285,7 +285,8 @@ def _add_config_args(p: argparse.ArgumentParser, *, method: bool = True) -> None
     if method:
         p.add_argument("--method", choices=("ferd", "dfrd", "real-data"), help="override the preset's method")
         p.add_argument("--seed", type=int)
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. --set w_uni=2 epochs=10")
+    p.add_argument("--set", nargs="*", action="extend", metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set w_uni=2 epochs=10 (repeatable; a key's last value wins)")
 
 
 def _add_executor_args(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,16 @@ def test_overrides_are_toml_literals():
         parse_overrides(["w_uni"])
 
 
+def test_repeated_set_flags_all_apply():
+    """`--set a=1 --set b=2` overrides both fields (argparse's default would keep only the last flag's pairs)."""
+    from ferd.cli import build_config, make_parser
+
+    argv = ["run", "--preset", "smoke", "--set", "epochs=3", "w_uni=2", "--set", "eval_every=7", "--set", "epochs=4"]
+    args = make_parser().parse_args(argv)
+    cfg = build_config(args)
+    assert (cfg.epochs, cfg.w_uni, cfg.eval_every) == (4, 2.0, 7)
+
+
 def test_bad_input_is_a_clear_error_not_a_traceback(capsys, tmp_path):
     assert main(["--store", str(tmp_path), "run", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err

@@ -15,7 +15,6 @@ Student loss: `rslad` = w_nat KL(p(t) || p(S(x))) + w_rob KL(p(t) || p(S(x_adv))
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ from ferd.events import TrainingAttackStrength
 from ferd.feature_split import uniformity_loss
 from ferd.metrics import target_counts, target_entropy
 from ferd.models import folded_batchnorm
-from ferd.synthesis import eval_mode, kl_div
+from ferd.synthesis import eval_mode, kl_div, kl_from
 
 START_NOISE = 0.001  # sigma of the Gaussian start of the training attacks (reference code)
 
@@ -70,12 +69,6 @@ def wrong_class_marginal_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Te
     return WrongClassMarginal(y, logits.shape[1])(logits)
 
 
-def kl_from(t_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """logits -> kl_div(t_logits, logits), with the teacher's log-probabilities computed once."""
-    t_log = F.log_softmax(t_logits, dim=1)
-    return lambda logits: F.kl_div(F.log_softmax(logits, dim=1), t_log, reduction="batchmean", log_target=True)
-
-
 def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.Tensor, t_logits: torch.Tensor,
                     num_classes: int) -> torch.Tensor:
     """The adversarial examples the student trains on (mode chosen by cfg.utae_mode), student in eval mode."""
@@ -84,17 +77,16 @@ def training_attack(cfg: Config, student: nn.Module, x: torch.Tensor, y: torch.T
         if cfg.utae_mode == "sampled-target":
             target = sampled_targets(y, num_classes)
             return pgd(student, x, target, loss="ce", targeted=True, **common)
-        kl = kl_from(t_logits)
         if cfg.utae_mode == "marginal-kl":
             lam_m = cfg.utae_marginal_weight
-            marginal = WrongClassMarginal(y, num_classes)
+            kl, marginal = kl_from(t_logits), WrongClassMarginal(y, num_classes)
 
             def spread(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
                 return kl(logits) - lam_m * marginal(logits)
 
             return pgd(student, x, y, loss=spread, **common)
         if cfg.utae_mode == "uniform-kl":
-            lam = cfg.utae_weight
+            lam, kl = cfg.utae_weight, kl_from(t_logits)
 
             def objective(logits: torch.Tensor, _y: torch.Tensor) -> torch.Tensor:
                 return kl(logits) - lam * uniformity_loss(logits)

@@ -316,26 +316,27 @@ def _distil(cfg: Config, student: nn.Module, optimizer: torch.optim.Optimizer, t
         group["lr"] = lr
     tally = AttackTally(c, cfg=cfg, epoch=epoch)
     n = len(state.memory_y)
-    for step in range(1, cfg.student_steps + 1):
-        _check_stop(stop)
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), device=state.memory_y.device)
-        x, y = state.memory_x[idx], state.memory_y[idx]
-        if cfg.augment:
-            x = augment(x, flip=flip)
-        with torch.no_grad(), folded_batchnorm(teacher):
-            t_logits = teacher(x)
-        x_adv = training_attack(cfg, student, x, y, t_logits, c)
-        tally.observe(student, x, y, t_logits, x_adv, step)
-        student.train()
-        s_clean, s_adv = student(x), student(x_adv)
-        loss = student_loss(cfg, t_logits, s_clean, s_adv)
-        if not torch.isfinite(loss.total):
-            raise NonFiniteLoss(f"student loss is {float(loss.total.detach())} at epoch {epoch}, step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        optimizer.step()
-        yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
-                              losses={k: float(getattr(loss, k).detach()) for k in ("total", "nat", "rob")})
+    with folded_batchnorm(teacher):  # the frozen teacher, folded once for the phase (ferd.models.folded_batchnorm)
+        for step in range(1, cfg.student_steps + 1):
+            _check_stop(stop)
+            idx = torch.randint(0, n, (min(cfg.batch_size, n),), device=state.memory_y.device)
+            x, y = state.memory_x[idx], state.memory_y[idx]
+            if cfg.augment:
+                x = augment(x, flip=flip)
+            with torch.no_grad():
+                t_logits = teacher(x)
+            x_adv = training_attack(cfg, student, x, y, t_logits, c)
+            tally.observe(student, x, y, t_logits, x_adv, step)
+            student.train()
+            s_clean, s_adv = student(x), student(x_adv)
+            loss = student_loss(cfg, t_logits, s_clean, s_adv)
+            if not torch.isfinite(loss.total):
+                raise NonFiniteLoss(f"student loss is {float(loss.total.detach())} at epoch {epoch}, step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.total.backward()
+            optimizer.step()
+            yield StudentProgress(epoch=epoch, step=step, total_steps=cfg.student_steps, lr=lr,
+                                  losses={k: float(getattr(loss, k).detach()) for k in ("total", "nat", "rob")})
     yield AttackTargets(epoch=epoch, counts=tally.counts, source="train")
     strength = tally.event(epoch)
     yield strength

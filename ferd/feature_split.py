@@ -114,14 +114,14 @@ def split_features_pooled_linear(linear: torch.nn.Linear, h: torch.Tensor, y: to
     hv = h.permute(0, 2, 3, 1).reshape(b, hh * ww, k)  # (B, HW, K); no copy when h is channels_last
     var = variance.view(b, 1, k)
     noises = torch.randn(steps, b, k, 1, 1, device=h.device, dtype=h.dtype).view(steps, b, 1, k)
-    if compiled is None:
-        compiled = h.device.type == "cpu" and h.dtype == torch.float32
+    compilable = h.device.type == "cpu" and h.dtype == torch.float32
+    compiled = compilable if compiled is None else compiled
+    if compiled and not compilable:
+        raise ValueError(f"the compiled split takes float32 CPU features, got {h.dtype} on {h.device}")
     if compiled:
-        if h.device.type != "cpu" or h.dtype != torch.float32:
-            raise ValueError(f"the compiled split takes float32 CPU features, got {h.dtype} on {h.device}")
         from ferd.split_kernel import adam_steps
 
-        arrays = (hv, var.reshape(b, k), noises.view(steps, b, k), weight, bias, y)
+        arrays = (hv, variance.view(b, k), noises.view(steps, b, k), weight, bias, y)
         lam = adam_steps(*(a.contiguous().numpy() for a in arrays), lr, beta, eps)
         sigma2 = (F.softplus(torch.from_numpy(lam)) ** 2).view(b, k, 1, 1)
         return FeatureSplit(mask=robust_mask(sigma2, variance, rule), sigma2=sigma2, variance=variance)

@@ -99,10 +99,16 @@ def init_generator(gen: nn.Module) -> None:
             m.reset_running_stats()
 
 
+def kl_from(p_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """q_logits -> KL(softmax(p) || softmax(q)), batch mean (T = 1), with p's log-probabilities computed once (an
+    attack evaluates it at each step against the same teacher logits)."""
+    p_log = F.log_softmax(p_logits, dim=1)
+    return lambda q_logits: F.kl_div(F.log_softmax(q_logits, dim=1), p_log, reduction="batchmean", log_target=True)
+
+
 def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(p) || softmax(q)), batch mean (T = 1)."""
-    return F.kl_div(F.log_softmax(q_logits, dim=1), F.log_softmax(p_logits, dim=1), reduction="batchmean",
-                    log_target=True)
+    return kl_from(p_logits)(q_logits)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ def test_bench_json_prints_counted_flops_and_the_matmul_reference(capsys):
     assert result["threads"] == 1 and result["epochs"] == 2
     assert result["flops_per_epoch"] > 1e6 and result["seconds_per_epoch"] > 0 and result["matmul_gflops"] > 0
     assert result["achieved_gflops"] == pytest.approx(result["flops_per_epoch"] / result["seconds_per_epoch"] / 1e9)
+    # Two timed runs: the process's first (cold) one, and the warm one the per-epoch figures come from.
+    assert result["seconds_per_epoch"] == pytest.approx(result["run_s"] / 2)
+    assert result["cold_seconds_per_epoch"] == pytest.approx(result["cold_run_s"] / 2)
+    assert 0 < result["first_event_s"] < result["cold_run_s"]
     # The profiled pass: the counted ops fill part of the run, so alone they run faster than the whole run.
     assert 0 < result["counted_ops_share"] < 1
     assert result["counted_ops_gflops"] > result["achieved_gflops"]

@@ -22,7 +22,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import types
 from collections.abc import Callable, Iterator
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 from ferd import atomic
 from ferd.config import Config
 from ferd.events import TERMINAL, CheckpointSaved, Event, RunFinished, RunStopped
+from ferd.leases import scratch_folder
 from ferd.store import RunStore
 
 EXECUTORS = ("inline", "local", "ray")
@@ -57,6 +57,10 @@ class FileBlob:
     data: bytes
 
 
+WORKER_FOLDER = "ferd-worker-"
+"""Prefix of a run's working folder in the temporary folder (`ferd.leases.scratch_folder`)."""
+
+
 class WorkerGone(Exception):
     """The worker process or actor ended without a final event."""
 
@@ -68,10 +72,13 @@ def worker_messages(cfg: Config, stop: Any, *, resume: bool, checkpoint: bytes |
     """Run the engine in `folder` (a temporary folder of its own when None); yield its events, each file it wrote
     just before the event that announces it. `evaluation_cores()`, where given, is how many threads the run's
     evaluations may use now (`ferd.device.set_evaluation_threads`)."""
-    if folder is None:
-        with tempfile.TemporaryDirectory(prefix="ferd-worker-") as tmp:
+    if folder is None:  # a folder of this process's own (`scratch_folder`: removed later should this process be killed)
+        tmp = scratch_folder(WORKER_FOLDER)
+        try:
             yield from worker_messages(cfg, stop, resume=resume, checkpoint=checkpoint, threads=threads,
-                                       evaluation_cores=evaluation_cores, folder=Path(tmp))
+                                       evaluation_cores=evaluation_cores, folder=tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     from ferd import engine
     from ferd.device import set_auto_threads, set_evaluation_threads
@@ -202,8 +209,8 @@ class _ProcessHandle:
         self.evaluation_cores = ctx.RawValue("i", threads)  # the driver raises it while other cores are idle
         self._on_close = on_close
         # The run's working folder belongs to the driver, which removes it in close(): a worker that is killed
-        # or dies leaves nothing behind.
-        self._folder = tempfile.mkdtemp(prefix="ferd-worker-")
+        # or dies leaves nothing behind (nor, once a later driver makes its first folder, a killed driver).
+        self._folder = str(scratch_folder(WORKER_FOLDER))
         self._proc = process(target=_process_main, name="ferd-worker",
                              args=(cfg, resume, checkpoint, threads, self._queue, self._stop, self.evaluation_cores,
                                    dict(os.environ), os.getcwd(), self._folder))

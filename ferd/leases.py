@@ -4,16 +4,23 @@ A lease is alive while its owner process is (same host: the pid exists) and its 
 LEASE_TIMEOUT_S (any host). Readers show a `queued`/`running` run whose lease is gone or dead as
 `interrupted`; a second writer of a run with a live lease is refused with a message naming the owner.
 One Heartbeat thread per RunStore refreshes every lease that store holds each HEARTBEAT_S seconds.
+
+Temporary folders are owned the same way (`scratch_folder`): named after their process, and removed by the next
+process that makes one of the same kind once that process is gone, so that a process killed before it could
+clean up (SIGKILL, a killed Ray actor) leaves nothing behind for long.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 LEASE_TIMEOUT_S = 30.0
 """A lease whose heartbeat is older than this counts as dead (its owner hung, or lives on a lost host)."""
@@ -56,6 +63,16 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def scratch_folder(prefix: str) -> Path:
+    """A new temporary folder owned by this process, `<prefix><pid>-<random>`, made after removing the folders of
+    the same prefix whose process has ended (on this machine: the temporary folder is local)."""
+    for old in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
 
 
 class Heartbeat:

@@ -23,7 +23,6 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from typing import Any
 from ferd import atomic
 from ferd.config import Config, load_preset, to_dict
 from ferd.console import open_store, run_configs
+from ferd.leases import scratch_folder
 from ferd.store import DB_NAME, RunStore
 from ferd.version import ENGINE_DIR, engine_version
 
@@ -217,12 +217,13 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 def open_pack(root: Path, workdir: Path | None = None) -> Pack:
     """The pack at `root`, its runs.db copied into `workdir` (by default a new temporary folder, removed when the
-    Pack is garbage-collected or the interpreter exits) so that opening it never writes into the pack."""
+    Pack is garbage-collected or the interpreter exits, or by a later process's `open_pack` if this one is killed)
+    so that opening it never writes into the pack."""
     manifest = read_manifest(root)
     db = root / DB_NAME
     if not db.is_file():
         raise PackError(f"{db}: the pack has no run store")
-    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="ferd-pack-view-"))
+    work = Path(workdir) if workdir is not None else scratch_folder("ferd-pack-view-")
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(db, work / DB_NAME)
     pack = Pack(root=root, manifest=manifest, store=RunStore(work),

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,3 +141,42 @@ def test_a_signal_stops_the_cli_run_and_stores_stopped(tmp_path, sig, code):
         info = store.list_runs()[0]
         assert info.status == "stopped" and info.owner is None
     assert "stopped by" in proc.stderr.read()
+
+
+SCRATCH_HOLDER = ("import sys, time\n"
+                  "from ferd.leases import scratch_folder\n"
+                  "print(scratch_folder('ferd-test-scratch-'), flush=True)\n"
+                  "time.sleep(120)\n")
+
+
+def test_a_killed_process_scratch_folder_goes_with_the_next_one_made(tmp_path, monkeypatch):
+    """A process SIGKILLed with its temporary folder in place (a dashboard's pack view, a Ray actor's run folder)
+    cannot remove it; the next scratch_folder of the same prefix does, and keeps the folders of live processes
+    and of other names."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    killed = subprocess.Popen([sys.executable, "-c", SCRATCH_HOLDER], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=env)
+    live = subprocess.Popen([sys.executable, "-c", SCRATCH_HOLDER], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env)
+    try:
+        dead_folder = Path(killed.stdout.readline().strip())
+        live_folder = Path(live.stdout.readline().strip())
+        assert dead_folder.parent == tmp and dead_folder.name.startswith(f"ferd-test-scratch-{killed.pid}-")
+        (dead_folder / "student.pt").write_bytes(b"x")
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        other = tmp / "ferd-test-scratchy"
+        other.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        mine = leases.scratch_folder("ferd-test-scratch-")
+        assert mine.is_dir() and mine.name.startswith(f"ferd-test-scratch-{os.getpid()}-")
+        assert not dead_folder.exists()
+        assert live_folder.is_dir() and other.is_dir()
+        again = leases.scratch_folder("ferd-test-scratch-")  # this process's own folders stay
+        assert mine.is_dir() and again.is_dir() and again != mine
+    finally:
+        for proc in (killed, live):
+            proc.kill()
+            proc.wait()

@@ -156,20 +156,20 @@ def profile_counted_ops(cfg: Config) -> tuple[float, float]:
 def timed_pass(cfg: Config) -> tuple[float, float, dict[str, list[float]]]:
     """One run of `cfg`: (its seconds, the seconds to its first event, each phase's seconds in each epoch)."""
     phases: dict[str, list[float]] = {}
-    first_event = 0.0
+    first_event: float | None = None
     t0 = time.perf_counter()
     for ev in checked(run(cfg, threading.Event())):
-        if not first_event:
+        if first_event is None:
             first_event = time.perf_counter() - t0
         if isinstance(ev, EpochFinished):
             for k, v in ev.phase_s.items():
                 phases.setdefault(k, []).append(v)
-    return time.perf_counter() - t0, first_event, phases
+    return time.perf_counter() - t0, first_event or 0.0, phases
 
 
 def bench(cfg: Config, *, epochs: int = 3, out=sys.stdout, as_json: bool = False) -> dict[str, float]:
-    """Run `epochs` epochs of `cfg` (warm-up 1, evaluation on the last) and print the per-phase table (or,
-    with `as_json`, one JSON line)."""
+    """Run `epochs` epochs of `cfg` (warm-up 1, evaluation on the last) twice, cold then warm (module docstring),
+    and print the per-phase table (or, with `as_json`, one JSON line)."""
     cfg = cfg.replace(epochs=epochs, warmup_epochs=min(1, epochs - 1), eval_every=epochs,
                       final_attacks=tuple(a for a in cfg.eval_attacks))
     threads = set_threads(cfg.num_threads)
